@@ -1,0 +1,32 @@
+"""JAX kernels for paged KV caches. Imports jax only — never torch.
+
+    from jax_kernels import kv_cache_update
+"""
+
+from ._utils import cdiv
+from .block_table import max_num_slices_bound, slice_indices_from_block_table
+from .kv_cache_update import (
+    dynamic_validate_inputs,
+    kv_cache_update,
+    kv_cache_update_jax,
+    kv_cache_update_pallas,
+    kv_cache_update_scatter,
+    static_validate_inputs,
+    tpu_kernel_problem,
+)
+from .reference import kv_cache_update_reference, slice_indices_from_block_table_reference
+
+__all__ = [
+    "cdiv",
+    "kv_cache_update",
+    "kv_cache_update_jax",
+    "kv_cache_update_scatter",
+    "kv_cache_update_pallas",
+    "static_validate_inputs",
+    "dynamic_validate_inputs",
+    "tpu_kernel_problem",
+    "slice_indices_from_block_table",
+    "max_num_slices_bound",
+    "kv_cache_update_reference",
+    "slice_indices_from_block_table_reference",
+]

@@ -1,0 +1,16 @@
+"""The paged KV cache update: Pallas TPU kernel, JAX fallbacks, validation."""
+
+from .api import kv_cache_update
+from .fallbacks import kv_cache_update_jax, kv_cache_update_scatter
+from .kernel import kv_cache_update_pallas
+from .validation import dynamic_validate_inputs, static_validate_inputs, tpu_kernel_problem
+
+__all__ = [
+    "kv_cache_update",
+    "kv_cache_update_jax",
+    "kv_cache_update_scatter",
+    "kv_cache_update_pallas",
+    "static_validate_inputs",
+    "dynamic_validate_inputs",
+    "tpu_kernel_problem",
+]

@@ -1,0 +1,176 @@
+"""Pure-JAX implementations of the paged KV cache update (any backend).
+
+* :func:`kv_cache_update_jax` — EasyDeL's ``lax.scan`` fallback, kept for its
+  contract, with its end-of-cache bug fixed (see ``_scan_update_one_slice``).
+* :func:`kv_cache_update_scatter` — the fast fallback: one gather and one
+  scatter of exactly the rows the slices name. ``kv_cache_update`` uses it
+  everywhere but TPU.
+
+Both take the same arguments as the kernel and return a new cache; under
+``jax.jit(..., donate_argnums=...)`` XLA updates the donated cache in place.
+Neither validates data: callers run ``dynamic_validate_inputs`` on the host.
+Padding columns (index >= ``total_update_slices[0]``) are never applied, and a
+``total_update_slices`` above ``num_slices`` is treated as ``num_slices``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from .validation import static_validate_inputs
+
+
+def _num_valid_slices(total_update_slices, num_slices: int):
+    # i32[]: the count of slices to apply, clipped to what exists.
+    return jnp.clip(jnp.asarray(total_update_slices).reshape(-1)[0].astype(jnp.int32), 0, num_slices)
+
+
+# --------------------------------------------------------------------------- scan
+
+
+def _scan_update_one_slice(cache, padded_new, dst, src, length, *, window: int):
+    """Write ``padded_new[src + window : ... + length]`` to ``cache[dst : dst + length]``.
+
+    ``dynamic_slice`` clamps its start so the window stays inside the array;
+    EasyDeL's fallback therefore wrote a slice that starts part-way into the
+    last page onto the wrong rows. Here the window start is clamped explicitly
+    and the mask and the source offset are shifted by the same amount, so every
+    offset of every page lands right.
+    """
+    num_rows, heads, head_dim = cache.shape
+    w0 = jnp.clip(dst, 0, num_rows - window)  # i32[]: where the window really starts
+    shift = dst - w0  # i32[]: 0, except near the end of the cache
+    # padded_new has `window` zero rows on both sides, so src - shift + window >= 0.
+    new_win = jax.lax.dynamic_slice(padded_new, (src - shift + window, 0, 0), (window, heads, head_dim))
+    cur_win = jax.lax.dynamic_slice(cache, (w0, 0, 0), (window, heads, head_dim))
+    rows = jnp.arange(window, dtype=jnp.int32)[:, None, None]  # i32[window, 1, 1]
+    mask = (rows >= shift) & (rows < shift + length)
+    return jax.lax.dynamic_update_slice(cache, jnp.where(mask, new_win, cur_win), (w0, 0, 0))
+
+
+@functools.partial(jax.jit, static_argnames=("page_size",))
+def _kv_cache_update_scan(new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices, *, page_size):
+    num_rows = kv_cache_pages.shape[0]
+    if num_rows == 0:
+        return kv_cache_pages
+    window = min(page_size, num_rows)
+    idx = slice_indices.astype(jnp.int32)  # i32[3, S]
+    num_valid = _num_valid_slices(total_update_slices, idx.shape[1])
+    # [T + 2*window, H, D]: zero rows around the tokens keep every window in range.
+    padded_new = jnp.pad(new_kv_tokens, [(window, window), (0, 0), (0, 0)])
+
+    def step(cache, s):
+        cache = jax.lax.cond(
+            s < num_valid,
+            lambda c: _scan_update_one_slice(c, padded_new, idx[0, s], idx[1, s], idx[2, s], window=window),
+            lambda c: c,
+            cache,
+        )
+        return cache, None
+
+    slice_ids = jnp.arange(idx.shape[1], dtype=jnp.int32)  # i32[S]
+    return jax.lax.scan(step, kv_cache_pages, slice_ids)[0]
+
+
+def kv_cache_update_jax(
+    new_kv_tokens,  # [T, H, D]
+    slice_indices,  # int[3, S]
+    kv_cache_pages,  # [P * page_size, H, D]
+    total_update_slices,  # int[1]
+    *,
+    page_size: int = 32,
+):
+    """The ``lax.scan`` fallback: one masked page-sized window update per slice.
+
+    Same contract as :func:`jax_kernels.kv_cache_update`. Cost grows with the
+    number of slices (padding included) times ``page_size``; prefer
+    :func:`kv_cache_update_scatter`, which ``kv_cache_update`` uses off TPU.
+    """
+    static_validate_inputs(
+        new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices, page_size=page_size
+    )
+    return _kv_cache_update_scan(
+        new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices, page_size=page_size
+    )
+
+
+# ------------------------------------------------------------------------ scatter
+
+
+def _rows_per_slice(idx, num_valid, page_size: int, num_rows: int):
+    """Every (slice, offset < page_size) pair: bound S * page_size rows."""
+    offs = jnp.arange(page_size, dtype=jnp.int32)[None, :]  # i32[1, page_size]
+    live = (offs < idx[2][:, None]) & (jnp.arange(idx.shape[1])[:, None] < num_valid)
+    dst = jnp.where(live, idx[0][:, None] + offs, num_rows).reshape(-1)  # i32[S * page_size]
+    src = jnp.where(live, idx[1][:, None] + offs, 0).reshape(-1)  # i32[S * page_size]
+    return dst, src
+
+
+def _rows_compact(idx, num_valid, bound: int, num_rows: int):
+    """The valid rows packed to the front: bound ``bound`` rows (valid when the
+    slices' total length fits in it)."""
+    lengths = jnp.where(jnp.arange(idx.shape[1]) < num_valid, idx[2], 0)  # i32[S]
+    ends = jnp.cumsum(lengths)  # i32[S]: exclusive end of each slice in packed order
+    k = jnp.arange(bound, dtype=jnp.int32)  # i32[bound]
+    s = jnp.minimum(jnp.searchsorted(ends, k, side="right"), idx.shape[1] - 1)  # i32[bound]
+    offset = k - (ends[s] - lengths[s])  # i32[bound]: row within its slice
+    live = k < ends[-1]
+    dst = jnp.where(live, idx[0, s] + offset, num_rows)
+    src = jnp.where(live, idx[1, s] + offset, 0)
+    return dst, src
+
+
+def _scatter_rows(cache, new, dst, src):
+    # Rows with dst == num_rows are padding: mode="drop" skips them.
+    return cache.at[dst].set(new[src], mode="drop")
+
+
+@functools.partial(jax.jit, static_argnames=("page_size",))
+def _kv_cache_update_scatter(new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices, *, page_size):
+    num_rows = kv_cache_pages.shape[0]
+    num_tokens = new_kv_tokens.shape[0]
+    idx = slice_indices.astype(jnp.int32)  # i32[3, S]
+    num_slices = idx.shape[1]
+    if num_slices == 0 or num_rows == 0 or num_tokens == 0:
+        return kv_cache_pages  # nothing can be written (a valid slice needs src + len <= T)
+    num_valid = _num_valid_slices(total_update_slices, num_slices)
+
+    def wide(cache):
+        return _scatter_rows(cache, new_kv_tokens, *_rows_per_slice(idx, num_valid, page_size, num_rows))
+
+    # When sources do not overlap, the valid rows number at most T, so a gather
+    # of T rows suffices (typically several times fewer than S * page_size).
+    # Sources may legally overlap; then the wide form runs.
+    if num_tokens >= num_slices * page_size:
+        return wide(kv_cache_pages)
+
+    def compact(cache):
+        return _scatter_rows(cache, new_kv_tokens, *_rows_compact(idx, num_valid, num_tokens, num_rows))
+
+    valid_rows = jnp.sum(jnp.where(jnp.arange(num_slices) < num_valid, idx[2], 0))
+    return jax.lax.cond(valid_rows <= num_tokens, compact, wide, kv_cache_pages)
+
+
+def kv_cache_update_scatter(
+    new_kv_tokens,  # [T, H, D]
+    slice_indices,  # int[3, S]
+    kv_cache_pages,  # [P * page_size, H, D]
+    total_update_slices,  # int[1]
+    *,
+    page_size: int = 32,
+):
+    """The fast fallback: gather the named token rows, scatter them into the cache.
+
+    Same contract as :func:`jax_kernels.kv_cache_update`. It moves only the
+    rows the valid slices name (at most ``num_tokens`` of them when sources do
+    not overlap), independent of the cache size when the cache is donated.
+    """
+    static_validate_inputs(
+        new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices, page_size=page_size
+    )
+    return _kv_cache_update_scatter(
+        new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices, page_size=page_size
+    )

@@ -1,0 +1,71 @@
+"""Bad input to the JAX API raises a clear error naming the argument."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_kernels as jk
+from bad_inputs import BAD_INPUTS, valid_call
+
+JAX_APIS = {
+    "auto": jk.kv_cache_update,
+    "interpret": lambda *a, **k: jk.kv_cache_update(*a, interpret=True, **k),
+    "scan": jk.kv_cache_update_jax,
+    "scatter": jk.kv_cache_update_scatter,
+}
+
+
+def call(api, c):
+    return JAX_APIS[api](
+        c["new_kv_tokens"], c["slice_indices"], c["kv_cache"], c["total_update_slices"], page_size=c["page_size"]
+    )
+
+
+@pytest.mark.parametrize("api", ["auto", "interpret"])
+def test_valid_baseline_runs(api):
+    c = valid_call()
+    out = call(api, c)
+    want = jk.kv_cache_update_reference(c["new_kv_tokens"], c["slice_indices"], c["kv_cache"], c["total_update_slices"])
+    np.testing.assert_array_equal(np.asarray(out), want)
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda b: b.name)
+@pytest.mark.parametrize("api", ["auto", "interpret"])
+def test_bad_input_raises_naming_the_argument(api, case):
+    c = valid_call()
+    case.mutate(c)
+    before = c["kv_cache"].copy()
+    with pytest.raises(case.error, match=case.match):
+        call(api, c)
+    np.testing.assert_array_equal(c["kv_cache"].view(np.uint32), before.view(np.uint32))
+
+
+def test_the_fallbacks_check_shapes_and_dtypes_at_trace_time():
+    # Data checks are kv_cache_update's job (host metadata); the fallbacks
+    # themselves still reject bad shapes and dtypes.
+    for case in BAD_INPUTS:
+        if case.error is TypeError or "rank" in case.name or "mismatch" in case.name:
+            for api in ("scan", "scatter"):
+                c = valid_call()
+                case.mutate(c)
+                with pytest.raises(case.error, match=case.match):
+                    call(api, c)
+
+
+def test_validate_flag():
+    c = valid_call()
+    c["slice_indices"][2, 0] = 99  # too long
+    args = (jnp.asarray(c["new_kv_tokens"]), jnp.asarray(c["slice_indices"]), jnp.asarray(c["kv_cache"]), jnp.asarray(c["total_update_slices"]))
+    with pytest.raises(ValueError, match="exceeds page_size"):
+        jk.kv_cache_update(*args, page_size=16)  # CPU arrays: checked by default
+    with pytest.raises(ValueError, match="exceeds page_size"):
+        jk.kv_cache_update(*args, page_size=16, validate=True)
+    jk.kv_cache_update(*args, page_size=16, validate=False)  # the caller's responsibility
+
+
+def test_dynamic_validation_is_public_and_accepts_padding_garbage():
+    c = valid_call()
+    c["slice_indices"][:, 3] = [-5, 10**6, 99]  # beyond the total: never read
+    jk.dynamic_validate_inputs(c["new_kv_tokens"], c["slice_indices"], c["kv_cache"], c["total_update_slices"], page_size=16)
