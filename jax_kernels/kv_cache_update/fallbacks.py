@@ -20,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from .._utils import cdiv
 from .validation import static_validate_inputs
 
 
@@ -100,36 +101,20 @@ def kv_cache_update_jax(
 # ------------------------------------------------------------------------ scatter
 
 
-def _rows_per_slice(idx, num_valid, page_size: int, num_rows: int):
-    """Every (slice, offset < page_size) pair: bound S * page_size rows."""
-    offs = jnp.arange(page_size, dtype=jnp.int32)[None, :]  # i32[1, page_size]
-    live = (offs < idx[2][:, None]) & (jnp.arange(idx.shape[1])[:, None] < num_valid)
-    dst = jnp.where(live, idx[0][:, None] + offs, num_rows).reshape(-1)  # i32[S * page_size]
-    src = jnp.where(live, idx[1][:, None] + offs, 0).reshape(-1)  # i32[S * page_size]
-    return dst, src
-
-
-def _rows_compact(idx, num_valid, bound: int, num_rows: int):
-    """The valid rows packed to the front: bound ``bound`` rows (valid when the
-    slices' total length fits in it)."""
-    lengths = jnp.where(jnp.arange(idx.shape[1]) < num_valid, idx[2], 0)  # i32[S]
+def _packed_rows(idx, lengths, first, count: int, num_rows: int):
+    """Rows ``first .. first + count - 1`` of the valid slices packed end to end:
+    ``(dst i32[count], src i32[count])``; rows past the end get ``dst == num_rows``."""
     ends = jnp.cumsum(lengths)  # i32[S]: exclusive end of each slice in packed order
-    k = jnp.arange(bound, dtype=jnp.int32)  # i32[bound]
-    s = jnp.minimum(jnp.searchsorted(ends, k, side="right"), idx.shape[1] - 1)  # i32[bound]
-    offset = k - (ends[s] - lengths[s])  # i32[bound]: row within its slice
+    k = first + jnp.arange(count, dtype=jnp.int32)  # i32[count]
+    s = jnp.minimum(jnp.searchsorted(ends, k, side="right"), idx.shape[1] - 1)  # i32[count]
+    offset = k - (ends[s] - lengths[s])  # i32[count]: row within its slice
     live = k < ends[-1]
-    dst = jnp.where(live, idx[0, s] + offset, num_rows)
-    src = jnp.where(live, idx[1, s] + offset, 0)
-    return dst, src
-
-
-def _scatter_rows(cache, new, dst, src):
-    # Rows with dst == num_rows are padding: mode="drop" skips them.
-    return cache.at[dst].set(new[src], mode="drop")
+    return jnp.where(live, idx[0, s] + offset, num_rows), jnp.where(live, idx[1, s] + offset, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("page_size",))
 def _kv_cache_update_scatter(new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices, *, page_size):
+    del page_size  # lengths are validated against it; the scatter does not need it
     num_rows = kv_cache_pages.shape[0]
     num_tokens = new_kv_tokens.shape[0]
     idx = slice_indices.astype(jnp.int32)  # i32[3, S]
@@ -137,21 +122,18 @@ def _kv_cache_update_scatter(new_kv_tokens, slice_indices, kv_cache_pages, total
     if num_slices == 0 or num_rows == 0 or num_tokens == 0:
         return kv_cache_pages  # nothing can be written (a valid slice needs src + len <= T)
     num_valid = _num_valid_slices(total_update_slices, num_slices)
+    lengths = jnp.where(jnp.arange(num_slices) < num_valid, idx[2], 0)  # i32[S]
+    total_rows = jnp.sum(lengths)  # i32[]
+    # The valid rows, packed, in chunks of num_tokens rows: when sources do not
+    # overlap they number at most num_tokens, so one chunk does it. A loop (not
+    # a lax.cond) keeps the cache update in place under donation.
 
-    def wide(cache):
-        return _scatter_rows(cache, new_kv_tokens, *_rows_per_slice(idx, num_valid, page_size, num_rows))
+    def chunk(c, cache):
+        dst, src = _packed_rows(idx, lengths, c * num_tokens, num_tokens, num_rows)
+        # dst == num_rows marks padding rows: mode="drop" skips them.
+        return cache.at[dst].set(new_kv_tokens[src], mode="drop")
 
-    # When sources do not overlap, the valid rows number at most T, so a gather
-    # of T rows suffices (typically several times fewer than S * page_size).
-    # Sources may legally overlap; then the wide form runs.
-    if num_tokens >= num_slices * page_size:
-        return wide(kv_cache_pages)
-
-    def compact(cache):
-        return _scatter_rows(cache, new_kv_tokens, *_rows_compact(idx, num_valid, num_tokens, num_rows))
-
-    valid_rows = jnp.sum(jnp.where(jnp.arange(num_slices) < num_valid, idx[2], 0))
-    return jax.lax.cond(valid_rows <= num_tokens, compact, wide, kv_cache_pages)
+    return jax.lax.fori_loop(0, cdiv(total_rows, num_tokens), chunk, kv_cache_pages)
 
 
 def kv_cache_update_scatter(
@@ -165,8 +147,9 @@ def kv_cache_update_scatter(
     """The fast fallback: gather the named token rows, scatter them into the cache.
 
     Same contract as :func:`jax_kernels.kv_cache_update`. It moves only the
-    rows the valid slices name (at most ``num_tokens`` of them when sources do
-    not overlap), independent of the cache size when the cache is donated.
+    rows the valid slices name, packed ``num_tokens`` rows at a time (one pass
+    unless sources overlap), so its cost does not depend on the cache size
+    when the cache is donated.
     """
     static_validate_inputs(
         new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices, page_size=page_size
