@@ -64,13 +64,10 @@ def _kv_cache_update_scan(new_kv_tokens, slice_indices, kv_cache_pages, total_up
     padded_new = jnp.pad(new_kv_tokens, [(window, window), (0, 0), (0, 0)])
 
     def step(cache, s):
-        cache = jax.lax.cond(
-            s < num_valid,
-            lambda c: _scan_update_one_slice(c, padded_new, idx[0, s], idx[1, s], idx[2, s], window=window),
-            lambda c: c,
-            cache,
-        )
-        return cache, None
+        # Padding slices (s >= num_valid) get length 0: the window is written
+        # back unchanged. (A lax.cond here would make XLA copy the cache.)
+        length = jnp.where(s < num_valid, idx[2, s], 0)
+        return _scan_update_one_slice(cache, padded_new, idx[0, s], idx[1, s], length, window=window), None
 
     slice_ids = jnp.arange(idx.shape[1], dtype=jnp.int32)  # i32[S]
     return jax.lax.scan(step, kv_cache_pages, slice_ids)[0]

@@ -1,0 +1,141 @@
+"""Eager (CPU / CUDA) kernels: the native ``index_copy_`` path and the JAX
+paths on staged pages. Both write into the caller's tensor in place."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import bridge
+
+from ._impls import jax_update
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    """A same-width integer view (no copy): row copies of any dtype — float8
+    included, which ``index_copy_`` does not support — move the exact bits."""
+    return t.view(_BITS[t.element_size()])
+
+
+def live_slices(idx: np.ndarray, total: int):
+    """``(dst, src, len)`` i64 arrays of the valid slices with ``len > 0``."""
+    dst, src, length = idx[0, :total], idx[1, :total], idx[2, :total]
+    keep = length > 0
+    if not keep.all():
+        dst, src, length = dst[keep], src[keep], length[keep]
+    return dst, src, length
+
+
+class RowPlan:
+    """Where every copied row goes: the valid slices with ``len > 0``, packed
+    end to end (the order of ``slice_indices``)."""
+
+    def __init__(self, idx: np.ndarray, total: int):
+        self.dst, self.src, self.length = live_slices(idx, total)  # i64[n] each
+        self.num_rows = int(self.length.sum())
+        self.packed_start = np.cumsum(self.length) - self.length  # i64[n]: first packed row of each slice
+        # i64[num_rows]: the row offset within its slice, for every copied row.
+        within = np.arange(self.num_rows) - np.repeat(self.packed_start, self.length)
+        self.dst_rows = np.repeat(self.dst, self.length) + within  # i64[num_rows]
+        self._within = within
+
+    def source_rows(self, new_kv_tokens: torch.Tensor) -> torch.Tensor:
+        """The source rows in packed order: a view when the slices read one
+        contiguous run of ``new_kv_tokens`` in order (block-table layouts do),
+        else a gather."""
+        first = int(self.src[0])
+        if np.array_equal(self.src, first + self.packed_start):
+            return new_kv_tokens.narrow(0, first, self.num_rows)
+        src_rows = np.repeat(self.src, self.length) + self._within
+        return new_kv_tokens.index_select(0, torch.from_numpy(src_rows).to(new_kv_tokens.device))
+
+
+def update_rows_(new_kv_tokens: torch.Tensor, idx: np.ndarray, total: int, flat: torch.Tensor) -> None:
+    """``impl="torch"``: copy every named row with one ``index_copy_``."""
+    plan = RowPlan(idx, total)
+    if plan.num_rows == 0:
+        return
+    dst_rows = torch.from_numpy(plan.dst_rows).to(flat.device)
+    as_bits(flat).index_copy_(0, dst_rows, as_bits(plan.source_rows(new_kv_tokens)))
+
+
+def staged_rows(plan: RowPlan, num_slices: int, page_size: int):
+    """The JAX implementation's input for a compact staging cache that holds
+    just the rows the call writes, packed: ``(num_staged_rows, idx i32[3, S],
+    total i32[1])``. The staging cache is a whole number of pages, rounded up
+    to a power of two pages so a new batch shape rarely means a new trace."""
+    pages = max(1, -(-plan.num_rows // page_size))
+    staged_idx = np.zeros((3, num_slices), np.int32)
+    n = len(plan.length)
+    staged_idx[:, :n] = np.stack([plan.packed_start, plan.src, plan.length])
+    return (1 << (pages - 1).bit_length()) * page_size, staged_idx, np.array([n], np.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_update(impl: str, page_size: int, slices_per_processing_page: int):
+    """One jitted JAX function per (impl, page_size, slices_per_processing_page);
+    jax.jit then caches one trace per input shape."""
+    return jax.jit(
+        functools.partial(
+            jax_update, impl=impl, page_size=page_size, slices_per_processing_page=slices_per_processing_page
+        )
+    )
+
+
+def staged_update(
+    new_kv_tokens: torch.Tensor,
+    plan: RowPlan,
+    num_slices: int,
+    *,
+    impl: str,
+    page_size: int,
+    slices_per_processing_page: int,
+) -> torch.Tensor:
+    """Run the JAX implementation ``impl`` on a compact staging cache; return
+    the written rows in packed order (``[plan.num_rows, H, D]``).
+
+    JAX cannot write into memory it imported through DLPack (donation is
+    ignored), so the kernels run on a staging cache holding only the rows this
+    call writes — every slice keeps its length and source, its destination
+    becomes its packed offset — and the caller copies those rows into place.
+    Cost: O(rows written), not O(cache).
+    """
+    num_staged, staged_idx, staged_total = staged_rows(plan, num_slices, page_size)
+    staging = torch.empty((num_staged, *new_kv_tokens.shape[1:]), dtype=new_kv_tokens.dtype)
+    out = jitted_update(impl, page_size, slices_per_processing_page)(
+        bridge.to_jax(new_kv_tokens),
+        jnp.asarray(staged_idx),
+        bridge.to_jax(staging.to(new_kv_tokens.device)),
+        jnp.asarray(staged_total),
+    )
+    return bridge.to_torch(out)[: plan.num_rows]
+
+
+def update_staged_(
+    new_kv_tokens: torch.Tensor,
+    idx: np.ndarray,
+    total: int,
+    flat: torch.Tensor,
+    *,
+    impl: str,
+    page_size: int,
+    slices_per_processing_page: int,
+) -> None:
+    """``impl`` in ``jax``/``scan``/``pallas_interpret`` on eager tensors: the
+    JAX code on a staging cache, then one ``index_copy_`` into ``flat``."""
+    plan = RowPlan(idx, total)
+    if plan.num_rows == 0:
+        return
+    rows = staged_update(
+        new_kv_tokens, plan, idx.shape[1], impl=impl, page_size=page_size,
+        slices_per_processing_page=slices_per_processing_page,
+    )
+    dst_rows = torch.from_numpy(plan.dst_rows).to(flat.device)
+    as_bits(flat).index_copy_(0, dst_rows, as_bits(rows.to(flat.device)))

@@ -1,0 +1,70 @@
+"""PyTorch/XLA kernels: the JAX code staged into the lazy graph with ``call_jax``.
+
+The functional op returns the updated cache as a new lazy tensor; the
+mutating op ``copy_``s it into the caller's cache. Nothing keeps the
+intermediate alive, so when the graph is synced XLA aliases the cache's
+buffer input→output and the update runs in place (O(update), measured flat
+from 16 MiB to 1 GiB). Keeping the functional op's result referenced across
+``torch_xla.sync()`` forces a full copy instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import bridge
+
+from ._eager import RowPlan, staged_update
+from ._impls import jax_update
+
+
+def is_tpu() -> bool:
+    import torch_xla.runtime as xr
+
+    return xr.device_type() == "TPU"
+
+
+def functional_update(
+    new_kv_tokens, slice_indices, kv_cache, total_update_slices, *, impl, page_size, slices_per_processing_page,
+    host_meta=None,
+):
+    """A new XLA tensor: ``kv_cache`` with the update applied."""
+    if impl == "pallas" and not is_tpu():
+        raise ValueError("impl='pallas' needs PyTorch/XLA tensors on a TPU; use impl='pallas_interpret' elsewhere")
+    if impl == "pallas_interpret":
+        return _interpret_on_host(
+            new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size=page_size,
+            slices_per_processing_page=slices_per_processing_page, host_meta=host_meta,
+        )
+    return bridge.call_jax(
+        jax_update,
+        new_kv_tokens,
+        slice_indices.to(torch.int32),
+        kv_cache,
+        total_update_slices.to(torch.int32),
+        impl="auto" if impl == "auto" else impl,
+        page_size=page_size,
+        slices_per_processing_page=slices_per_processing_page,
+    )
+
+
+def _interpret_on_host(
+    new_kv_tokens, slice_indices, kv_cache, total_update_slices, *, page_size, slices_per_processing_page, host_meta
+):
+    """``pallas_interpret`` on XLA tensors: the TPU interpreter needs host
+    callbacks, which an XLA graph cannot hold, so the kernel runs on the host
+    on a staging cache of the written rows (a device→host sync for the tokens
+    and metadata), and the rows come back with one ``index_copy``."""
+    from ._validation import flat_cache, host_metadata
+
+    idx, total = host_meta if host_meta is not None else host_metadata(slice_indices, total_update_slices)
+    plan = RowPlan(idx, total)
+    if plan.num_rows == 0:
+        return kv_cache.clone()
+    rows = staged_update(
+        new_kv_tokens.cpu(), plan, idx.shape[1], impl="pallas_interpret", page_size=page_size,
+        slices_per_processing_page=slices_per_processing_page,
+    )
+    flat = flat_cache(kv_cache, page_size)
+    dst_rows = torch.from_numpy(plan.dst_rows).to(kv_cache.device)
+    return flat.index_copy(0, dst_rows, rows.to(kv_cache.device)).view(kv_cache.shape)
