@@ -30,7 +30,15 @@ def functional_update(
 ):
     """A new XLA tensor: ``kv_cache`` with the update applied."""
     if impl == "pallas" and not is_tpu():
-        raise ValueError("impl='pallas' needs PyTorch/XLA tensors on a TPU; use impl='pallas_interpret' elsewhere")
+        raise ValueError(
+            f"impl='pallas' needs PyTorch/XLA tensors on a TPU, got {kv_cache.device} tensors; "
+            f"use impl='pallas_interpret' to run the kernel's code elsewhere"
+        )
+    if impl == "torch":
+        raise ValueError(
+            "impl='torch' runs on eager (CPU/CUDA) tensors only; on PyTorch/XLA use impl='auto' "
+            "(the update staged into the XLA graph)"
+        )
     if impl == "pallas_interpret":
         return _interpret_on_host(
             new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size=page_size,
@@ -42,7 +50,7 @@ def functional_update(
         slice_indices.to(torch.int32),
         kv_cache,
         total_update_slices.to(torch.int32),
-        impl="auto" if impl == "auto" else impl,
+        impl=impl,
         page_size=page_size,
         slices_per_processing_page=slices_per_processing_page,
     )
