@@ -11,6 +11,7 @@ from .kv_cache_update import (
     kv_cache_update_jax,
     kv_cache_update_pallas,
     kv_cache_update_scatter,
+    kv_cache_update_sharded,
     static_validate_inputs,
     tpu_kernel_problem,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "kv_cache_update_jax",
     "kv_cache_update_scatter",
     "kv_cache_update_pallas",
+    "kv_cache_update_sharded",
     "static_validate_inputs",
     "dynamic_validate_inputs",
     "tpu_kernel_problem",

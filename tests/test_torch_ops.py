@@ -142,36 +142,34 @@ def test_paged_view_updates_its_flat_base():
     np.testing.assert_array_equal(torch_bits(base), bits(expected))
 
 
-def test_xla_update_aliases_the_cache_buffer(xla_device):
-    """XLA's own accounting: the synced graph aliases the cache input→output."""
+def test_xla_step_aliases_the_cache(xla_device):
+    """In place on XLA: the compiled step aliases the cache buffer input→output.
+
+    torch_xla records InputOutputAliasCount when it compiles a graph, so the
+    cache here has a shape no other test uses (a fresh compile). That the step
+    time stays flat as the cache grows is measured in benchmarks/.
+    """
     import torch_xla
     import torch_xla.debug.metrics as met
 
-    new, idx, cache_np, total, expected = case(5, "float32")
+    def aliases():
+        data = met.metric_data("InputOutputAliasCount")
+        return 0.0 if data is None else data[1]
+
+    cache_np = sentinel_cache(11 * PAGE_SIZE, HEADS, HEAD_DIM, "float32")
+    rng = np.random.default_rng(5)
+    new = random_tokens(rng, NUM_TOKENS, HEADS, HEAD_DIM, "float32")
+    idx, total = random_slices(rng, num_rows=cache_np.shape[0], num_tokens=NUM_TOKENS, page_size=PAGE_SIZE, num_slices=NUM_SLICES)
     cache = torch.from_numpy(cache_np).to(xla_device)
     args = (torch.from_numpy(new).to(xla_device), torch.from_numpy(idx).to(xla_device))
     total_t = torch.from_numpy(total).to(xla_device)
     torch_xla.sync()
-
-    def aliases():
-        data = met.metric_data("InputOutputAliasCount")
-        return 0 if data is None else data[1]
-
     before = aliases()
-    torch_ops.kv_cache_update(*args, cache, total_t, page_size=PAGE_SIZE)
-    torch_xla.sync()
-    assert aliases() > before
-    np.testing.assert_array_equal(bits(cache.cpu().numpy()), bits(expected))
-
-    # The device buffer stays the same across steps. (Reading the pointer
-    # needs the tensor materialized; .cpu() does that.)
-    pointers = []
-    for _ in range(3):
+    for _ in range(2):
         torch_ops.kv_cache_update(*args, cache, total_t, page_size=PAGE_SIZE)
         torch_xla.sync()
-        cache.cpu()
-        pointers.append(torch_xla._XLAC._unsafe_buffer_pointer(cache))
-    assert len(set(pointers)) == 1, pointers
+    assert aliases() >= before + 1
+    np.testing.assert_array_equal(bits(cache.cpu().numpy()), bits(jk.kv_cache_update_reference(new, idx, cache_np, total)))
 
 
 # ---------------------------------------------------------------- functional

@@ -5,15 +5,20 @@
                                        page_size=32, impl="auto")
 """
 
+import bridge  # noqa: F401  (first: runs PyTorch/XLA's JAX import guard before jax loads)
+
 from . import _library  # noqa: F401  (registers the ops)
 from ._impls import IMPLS
 from ._validation import validation, validation_mode
 from .api import kv_cache_update, kv_cache_update_functional
+from .page_tables import max_num_slices_bound, slice_indices_from_block_table
 
 __all__ = [
     "IMPLS",
     "kv_cache_update",
     "kv_cache_update_functional",
+    "max_num_slices_bound",
+    "slice_indices_from_block_table",
     "validation",
     "validation_mode",
 ]

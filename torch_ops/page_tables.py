@@ -31,28 +31,14 @@ from __future__ import annotations
 
 import torch
 
+from jax_kernels import max_num_slices_bound  # noqa: F401  (re-exported: one implementation)
+
 
 def _check_int(name: str, value, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}={value!r} must be a Python int")
     if value < minimum:
         raise ValueError(f"{name}={value} must be {'positive' if minimum == 1 else 'non-negative'}")
-
-
-def max_num_slices_bound(max_num_reqs: int, max_num_tokens: int, page_size: int) -> int:
-    """Most slices a batch of ≤ ``max_num_reqs`` requests and ≤ ``max_num_tokens`` tokens needs.
-
-    ``min(2 * max_num_reqs + max_num_tokens // page_size, max_num_tokens)``, vLLM's
-    bound, and a true upper bound: a request with ``n ≥ 1`` new tokens starting
-    anywhere in a page touches at most ``(n + page_size - 2) // page_size + 1 ≤
-    n // page_size + 2`` pages; summing, ``Σ n_b // page_size ≤ max_num_tokens //
-    page_size``; and each slice holds at least one token. (Verified exhaustively
-    for small sizes in ``tests/test_page_tables.py``.)
-    """
-    _check_int("max_num_reqs", max_num_reqs, minimum=0)
-    _check_int("max_num_tokens", max_num_tokens, minimum=0)
-    _check_int("page_size", page_size, minimum=1)
-    return min(2 * max_num_reqs + max_num_tokens // page_size, max_num_tokens)
 
 
 def slice_indices_from_block_table(

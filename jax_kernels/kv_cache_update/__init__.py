@@ -3,6 +3,7 @@
 from .api import kv_cache_update
 from .fallbacks import kv_cache_update_jax, kv_cache_update_scatter
 from .kernel import kv_cache_update_pallas
+from .sharding import kv_cache_update_sharded
 from .validation import dynamic_validate_inputs, static_validate_inputs, tpu_kernel_problem
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "kv_cache_update_jax",
     "kv_cache_update_scatter",
     "kv_cache_update_pallas",
+    "kv_cache_update_sharded",
     "static_validate_inputs",
     "dynamic_validate_inputs",
     "tpu_kernel_problem",
