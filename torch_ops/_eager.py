@@ -1,16 +1,17 @@
 """Eager (CPU / CUDA) kernels: the native ``index_copy_`` path and the JAX
-paths on staged pages. Both write into the caller's tensor in place."""
+paths on a staging cache of the written rows. Both write into the caller's tensor in place."""
 
 from __future__ import annotations
 
 import functools
 
+import bridge  # first: PyTorch/XLA's JAX import guard  # isort: skip
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
-import bridge
+from jax_kernels.kv_cache_update.kernel import INTERPRETER_LOCK
 
 from ._impls import jax_update
 
@@ -109,12 +110,18 @@ def staged_update(
     """
     num_staged, staged_idx, staged_total = staged_rows(plan, num_slices, page_size)
     staging = torch.empty((num_staged, *new_kv_tokens.shape[1:]), dtype=new_kv_tokens.dtype)
-    out = jitted_update(impl, page_size, slices_per_processing_page)(
+    run = functools.partial(
+        jitted_update(impl, page_size, slices_per_processing_page),
         bridge.to_jax(new_kv_tokens),
         jnp.asarray(staged_idx),
         bridge.to_jax(staging.to(new_kv_tokens.device)),
         jnp.asarray(staged_total),
     )
+    if impl == "pallas_interpret":
+        with INTERPRETER_LOCK:  # the TPU interpreter is not thread-safe
+            out = jax.block_until_ready(run())
+    else:
+        out = run()
     return bridge.to_torch(out)[: plan.num_rows]
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from .._utils import is_on_host, is_traced
 from .fallbacks import _kv_cache_update_scatter
-from .kernel import kv_cache_update_pallas
+from .kernel import INTERPRETER_LOCK, kv_cache_update_pallas
 from .validation import dynamic_validate_inputs, static_validate_inputs, tpu_kernel_problem
 
 
@@ -107,7 +107,8 @@ def kv_cache_update(
             page_size=page_size,
         )
     if kernel_wanted:
-        return kv_cache_update_pallas(
+        run = functools.partial(
+            kv_cache_update_pallas,
             new_kv_tokens,
             slice_indices,
             kv_cache_pages,
@@ -116,6 +117,10 @@ def kv_cache_update(
             slices_per_processing_page=slices_per_processing_page,
             interpret=interpret,
         )
+        if is_traced(new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices):
+            return run()
+        with INTERPRETER_LOCK:  # the interpreter is not thread-safe
+            return jax.block_until_ready(run())
     use_kernel = (
         tpu_kernel_problem(
             kv_cache_pages.shape,

@@ -17,6 +17,7 @@ exposes this).
 from __future__ import annotations
 
 import functools
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +79,12 @@ def _kv_cache_update_kernel(
 
     for i in range(slices_per_step):
         pl.when(live(i))(lambda i=i: write(i).wait())
+
+
+#: The TPU interpreter keeps process-global state and is not thread-safe (seen
+#: here: concurrent interpreted calls fail inside its shared-memory bookkeeping).
+#: Eager callers hold this lock until the interpreted kernel has finished.
+INTERPRETER_LOCK = threading.Lock()
 
 
 def _interpret_params(interpret):
