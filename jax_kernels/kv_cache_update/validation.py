@@ -160,15 +160,10 @@ def dynamic_validate_inputs(
         )
     if total == 0:
         return
-    dst, src, length = (idx[r, :total].astype(np.int64) for r in range(3))
-    bad = (
-        (dst < 0)
-        | (src < 0)
-        | (length < 0)
-        | (length > page_size)
-        | (dst + length > num_rows)
-        | (src + length > num_tokens)
-    )
+    cols = idx[:, :total].astype(np.int64)  # i64[3, total]
+    dst, src, length = cols
+    end = dst + length
+    bad = (cols.min(axis=0) < 0) | (length > page_size) | (end > num_rows) | (src + length > num_tokens)
     if bad.any():
         j = int(np.argmax(bad))
         d, s, n = int(dst[j]), int(src[j]), int(length[j])
@@ -182,15 +177,14 @@ def dynamic_validate_inputs(
             why = f"source rows [{s}, {s + n}) fall outside new_kv_tokens ({num_tokens} rows)"
         raise ValueError(f"slice_indices[:, {j}] = (dst={d}, src={s}, len={n}): {why}")
 
-    live = np.flatnonzero(length > 0)
+    live = np.flatnonzero(length) if (length == 0).any() else np.arange(total)
     if live.size > 1:
         order = live[np.argsort(dst[live], kind="stable")]
-        ends = dst[order] + length[order]
-        clash = np.flatnonzero(dst[order][1:] < ends[:-1])
+        clash = np.flatnonzero(dst[order[1:]] < end[order[:-1]])
         if clash.size:
             a, b = int(order[clash[0]]), int(order[clash[0] + 1])
             raise ValueError(
                 f"slice_indices[:, {a}] and slice_indices[:, {b}] write overlapping cache "
-                f"rows ([{int(dst[a])}, {int(dst[a] + length[a])}) and "
-                f"[{int(dst[b])}, {int(dst[b] + length[b])})); destinations must be disjoint"
+                f"rows ([{int(dst[a])}, {int(end[a])}) and [{int(dst[b])}, {int(end[b])})); "
+                f"destinations must be disjoint"
             )
