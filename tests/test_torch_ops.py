@@ -312,3 +312,24 @@ def test_jax_kernels_validation_applies_to_the_op():
     with pytest.raises(ValueError, match=r"paged kv_cache.shape\[1\]=16 must equal page_size=8"):
         torch_ops.kv_cache_update(args[0], args[1], cache.view(NUM_PAGES, PAGE_SIZE, HEADS, HEAD_DIM), args[3], page_size=8)
     np.testing.assert_array_equal(bits(cache.numpy()), bits(cache_np))
+
+
+def test_torch_compile_openxla_backend(xla_device):
+    import torch_xla
+
+    class Layer(torch.nn.Module):
+        def forward(self, new, idx, cache, total):
+            torch.ops.paged_kv.kv_cache_update(new * 2, idx, cache, total, PAGE_SIZE, 8, "auto")
+            return cache.sum(dim=(1, 2))
+
+    new, idx, cache_np, total, _ = case(15, "float32", num_valid=5)
+    cache_np = np.zeros_like(cache_np)
+    cache = torch.from_numpy(cache_np).to(xla_device)
+    step = torch.compile(Layer(), backend="openxla", fullgraph=True)
+    want = cache_np
+    for _ in range(2):  # the second step runs on the first one's result
+        out = step(torch.from_numpy(new).to(xla_device), torch.from_numpy(idx).to(xla_device), cache, torch.from_numpy(total).to(xla_device))
+        torch_xla.sync()
+        want = jk.kv_cache_update_reference(new * 2, idx, want, total)
+        np.testing.assert_array_equal(cache.cpu().numpy(), want)
+        np.testing.assert_allclose(out.cpu().numpy(), want.sum(axis=(1, 2)), rtol=1e-5, atol=1e-4)
