@@ -17,12 +17,15 @@ from ._impls import jax_update
 
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Dtypes CPU index_copy_ does not implement: copied as same-width integers.
+_COPY_AS_BITS = {d for d in (getattr(torch, n, None) for n in dir(torch) if n.startswith("float8")) if isinstance(d, torch.dtype)}
 
 
-def as_bits(t: torch.Tensor) -> torch.Tensor:
-    """A same-width integer view (no copy): row copies of any dtype — float8
-    included, which ``index_copy_`` does not support — move the exact bits."""
-    return t.view(_BITS[t.element_size()])
+def as_copyable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a same-width integer view of it (no copy) for dtypes whose
+    ``index_copy_`` is missing (float8). Row copies move the exact bits either
+    way; the integer view is slower for dtypes that have a native kernel."""
+    return t.view(_BITS[t.element_size()]) if t.dtype in _COPY_AS_BITS else t
 
 
 def live_slices(idx: np.ndarray, total: int):
@@ -42,19 +45,22 @@ class RowPlan:
         self.dst, self.src, self.length = live_slices(idx, total)  # i64[n] each
         self.num_rows = int(self.length.sum())
         self.packed_start = np.cumsum(self.length) - self.length  # i64[n]: first packed row of each slice
-        # i64[num_rows]: the row offset within its slice, for every copied row.
-        within = np.arange(self.num_rows) - np.repeat(self.packed_start, self.length)
-        self.dst_rows = np.repeat(self.dst, self.length) + within  # i64[num_rows]
-        self._within = within
+        if self.num_rows == len(self.length):  # every slice is one row (decode): nothing to expand
+            self._within = None
+            self.dst_rows = self.dst
+        else:
+            # i64[num_rows]: the row offset within its slice, for every copied row.
+            self._within = np.arange(self.num_rows) - np.repeat(self.packed_start, self.length)
+            self.dst_rows = np.repeat(self.dst, self.length) + self._within  # i64[num_rows]
 
     def source_rows(self, new_kv_tokens: torch.Tensor) -> torch.Tensor:
         """The source rows in packed order: a view when the slices read one
         contiguous run of ``new_kv_tokens`` in order (block-table layouts do),
         else a gather."""
         first = int(self.src[0])
-        if np.array_equal(self.src, first + self.packed_start):
+        if (self.src - self.packed_start == first).all():
             return new_kv_tokens.narrow(0, first, self.num_rows)
-        src_rows = np.repeat(self.src, self.length) + self._within
+        src_rows = self.src if self._within is None else np.repeat(self.src, self.length) + self._within
         return new_kv_tokens.index_select(0, torch.from_numpy(src_rows).to(new_kv_tokens.device))
 
 
@@ -64,7 +70,7 @@ def update_rows_(new_kv_tokens: torch.Tensor, idx: np.ndarray, total: int, flat:
     if plan.num_rows == 0:
         return
     dst_rows = torch.from_numpy(plan.dst_rows).to(flat.device)
-    as_bits(flat).index_copy_(0, dst_rows, as_bits(plan.source_rows(new_kv_tokens)))
+    as_copyable(flat).index_copy_(0, dst_rows, as_copyable(plan.source_rows(new_kv_tokens)))
 
 
 def staged_rows(plan: RowPlan, num_slices: int, page_size: int):
@@ -145,4 +151,4 @@ def update_staged_(
         slices_per_processing_page=slices_per_processing_page,
     )
     dst_rows = torch.from_numpy(plan.dst_rows).to(flat.device)
-    as_bits(flat).index_copy_(0, dst_rows, as_bits(rows.to(flat.device)))
+    as_copyable(flat).index_copy_(0, dst_rows, as_copyable(rows.to(flat.device)))

@@ -121,12 +121,13 @@ _lib.impl("kv_cache_update", _update_by_copy, "Functionalize")
 
 
 def _not_differentiable(op_name):
-    def kernel(*args):
-        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+    def kernel(new_kv_tokens, slice_indices, kv_cache, total_update_slices, *static):
+        if torch.is_grad_enabled() and (new_kv_tokens.requires_grad or kv_cache.requires_grad):
             raise RuntimeError(f"paged_kv::{op_name} is not differentiable; detach its inputs or use torch.no_grad()")
         with torch._C._AutoDispatchBelowAutograd():
-            return getattr(torch.ops.paged_kv, op_name)(*args)
+            return op(new_kv_tokens, slice_indices, kv_cache, total_update_slices, *static)
 
+    op = getattr(torch.ops.paged_kv, op_name).default
     return kernel
 
 

@@ -160,11 +160,13 @@ def dynamic_validate_inputs(
         )
     if total == 0:
         return
-    cols = idx[:, :total].astype(np.int64)  # i64[3, total]
+    cols = np.asarray(idx[:, :total], dtype=np.int64)  # i64[3, total]
     dst, src, length = cols
     end = dst + length
-    bad = (cols.min(axis=0) < 0) | (length > page_size) | (end > num_rows) | (src + length > num_tokens)
-    if bad.any():
+    # Whole-array reductions first (the common, valid case); per-slice detail
+    # only to word an error.
+    if cols.min() < 0 or length.max() > page_size or end.max() > num_rows or (src + length).max() > num_tokens:
+        bad = (cols.min(axis=0) < 0) | (length > page_size) | (end > num_rows) | (src + length > num_tokens)
         j = int(np.argmax(bad))
         d, s, n = int(dst[j]), int(src[j]), int(length[j])
         if min(d, s, n) < 0:
@@ -177,12 +179,13 @@ def dynamic_validate_inputs(
             why = f"source rows [{s}, {s + n}) fall outside new_kv_tokens ({num_tokens} rows)"
         raise ValueError(f"slice_indices[:, {j}] = (dst={d}, src={s}, len={n}): {why}")
 
-    live = np.flatnonzero(length) if (length == 0).any() else np.arange(total)
-    if live.size > 1:
-        order = live[np.argsort(dst[live], kind="stable")]
-        clash = np.flatnonzero(dst[order[1:]] < end[order[:-1]])
-        if clash.size:
-            a, b = int(order[clash[0]]), int(order[clash[0] + 1])
+    live = None if length.all() else np.flatnonzero(length)
+    if (total if live is None else live.size) > 1:
+        order = np.argsort(dst, kind="stable") if live is None else live[np.argsort(dst[live], kind="stable")]
+        overlap = dst[order[1:]] < end[order[:-1]]
+        if overlap.any():
+            k = int(np.argmax(overlap))
+            a, b = int(order[k]), int(order[k + 1])
             raise ValueError(
                 f"slice_indices[:, {a}] and slice_indices[:, {b}] write overlapping cache "
                 f"rows ([{int(dst[a])}, {int(end[a])}) and [{int(dst[b])}, {int(end[b])})); "
