@@ -333,3 +333,22 @@ def test_torch_compile_openxla_backend(xla_device):
         want = jk.kv_cache_update_reference(new * 2, idx, want, total)
         np.testing.assert_array_equal(cache.cpu().numpy(), want)
         np.testing.assert_allclose(out.cpu().numpy(), want.sum(axis=(1, 2)), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("flush_denormal", [False, True])
+def test_row_copies_move_every_bit_pattern(flush_denormal):
+    """The eager path copies rows as 8-byte words (float64 views): every
+    bfloat16 bit pattern — NaN payloads, signalling NaNs, denormals — and
+    random 64-bit words arrive unchanged, with or without flush-to-zero."""
+    rng = np.random.default_rng(0)
+    patterns = np.concatenate([np.arange(2**16, dtype=np.uint16), rng.integers(0, 2**16, 2**16, dtype=np.uint16)])
+    new = torch.from_numpy(patterns.view(np.int16).copy()).view(torch.bfloat16).view(-1, 2, 128)  # [512, 2, 128]
+    cache = torch.zeros(1024, 2, 128, dtype=torch.bfloat16)
+    dst = rng.permutation(1024)[: new.shape[0]]
+    torch.set_flush_denormal(flush_denormal)
+    try:
+        _eager.copy_rows_(cache, dst, new)
+    finally:
+        torch.set_flush_denormal(False)
+    assert _eager.as_rows(cache).dtype == torch.float64  # the fast path ran
+    np.testing.assert_array_equal(cache[torch.from_numpy(dst)].view(torch.int16).numpy(), new.view(torch.int16).numpy())

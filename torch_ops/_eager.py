@@ -28,6 +28,31 @@ def as_copyable(t: torch.Tensor) -> torch.Tensor:
     return t.view(_BITS[t.element_size()]) if t.dtype in _COPY_AS_BITS else t
 
 
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``[N, H, D]`` → ``[N, H*D*itemsize/8]`` float64 view (no copy) when each
+    row is contiguous and 8-byte aligned, else :func:`as_copyable`.
+
+    ``index_copy_`` then moves 8-byte words: measured 2-3x faster than the
+    native bfloat16 kernel and never slower for float32. It only moves them —
+    no arithmetic — so the bits, NaN payloads and denormals included, arrive
+    unchanged (a test copies every bfloat16 bit pattern this way)."""
+    if t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == t.shape[2] and (t.shape[1] * t.shape[2] * t.element_size()) % 8 == 0:
+        try:
+            return t.view(t.shape[0], -1).view(torch.float64)
+        except RuntimeError:  # not 8-byte aligned, or rows not evenly strided
+            pass
+    return as_copyable(t)
+
+
+def copy_rows_(flat: torch.Tensor, dst_rows: np.ndarray, rows: torch.Tensor) -> None:
+    """``flat[dst_rows[i]] = rows[i]`` for every ``i``, with one ``index_copy_``."""
+    index = torch.from_numpy(dst_rows).to(flat.device)
+    dst, src = as_rows(flat), as_rows(rows)
+    if dst.dtype != src.dtype or dst.shape[1:] != src.shape[1:]:
+        dst, src = as_copyable(flat), as_copyable(rows)
+    dst.index_copy_(0, index, src)
+
+
 def live_slices(idx: np.ndarray, total: int):
     """``(dst, src, len)`` i64 arrays of the valid slices with ``len > 0``."""
     dst, src, length = idx[0, :total], idx[1, :total], idx[2, :total]
@@ -69,8 +94,7 @@ def update_rows_(new_kv_tokens: torch.Tensor, idx: np.ndarray, total: int, flat:
     plan = RowPlan(idx, total)
     if plan.num_rows == 0:
         return
-    dst_rows = torch.from_numpy(plan.dst_rows).to(flat.device)
-    as_copyable(flat).index_copy_(0, dst_rows, as_copyable(plan.source_rows(new_kv_tokens)))
+    copy_rows_(flat, plan.dst_rows, plan.source_rows(new_kv_tokens))
 
 
 def staged_rows(plan: RowPlan, num_slices: int, page_size: int):
@@ -115,12 +139,16 @@ def staged_update(
     Cost: O(rows written), not O(cache).
     """
     num_staged, staged_idx, staged_total = staged_rows(plan, num_slices, page_size)
-    staging = torch.empty((num_staged, *new_kv_tokens.shape[1:]), dtype=new_kv_tokens.dtype)
+    # The JAX code sees same-width integers (free views): it only moves bits,
+    # XLA:CPU would otherwise run 16-bit float scatters through float32, and
+    # jax 0.7.1's DLPack carries no float8.
+    bits_dtype = _BITS[new_kv_tokens.element_size()]
+    staging = torch.empty((num_staged, *new_kv_tokens.shape[1:]), dtype=bits_dtype, device=new_kv_tokens.device)
     run = functools.partial(
         jitted_update(impl, page_size, slices_per_processing_page),
-        bridge.to_jax(new_kv_tokens),
+        bridge.to_jax(new_kv_tokens.view(bits_dtype)),
         jnp.asarray(staged_idx),
-        bridge.to_jax(staging.to(new_kv_tokens.device)),
+        bridge.to_jax(staging),
         jnp.asarray(staged_total),
     )
     if impl == "pallas_interpret":
@@ -128,7 +156,7 @@ def staged_update(
             out = jax.block_until_ready(run())
     else:
         out = run()
-    return bridge.to_torch(out)[: plan.num_rows]
+    return bridge.to_torch(out)[: plan.num_rows].view(new_kv_tokens.dtype)
 
 
 def update_staged_(
@@ -150,5 +178,4 @@ def update_staged_(
         new_kv_tokens, plan, idx.shape[1], impl=impl, page_size=page_size,
         slices_per_processing_page=slices_per_processing_page,
     )
-    dst_rows = torch.from_numpy(plan.dst_rows).to(flat.device)
-    as_copyable(flat).index_copy_(0, dst_rows, as_copyable(rows.to(flat.device)))
+    copy_rows_(flat, plan.dst_rows, rows.to(flat.device))
