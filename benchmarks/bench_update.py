@@ -1,0 +1,515 @@
+"""Time every KV cache update path on the same inputs, against the physical limits.
+
+    PJRT_DEVICE=CPU python benchmarks/bench_update.py            # full sweep (< 10 min on 2 cores)
+    PJRT_DEVICE=CPU python benchmarks/bench_update.py --quick    # smoke run (~30 s)
+
+Paths, timed in one run on the same inputs at each sweep point:
+
+* CPU eager (``cpu``): ``torch.ops.paged_kv.kv_cache_update`` with ``impl`` =
+  ``auto``, ``jax``, ``pallas_interpret`` (small updates only — the TPU
+  interpreter costs several ms per slice —, the first dtype, the smallest and
+  largest caches); the ``jax_kernels`` paths on JAX
+  arrays, cache donated and fed back so they run in place: ``jax:auto``
+  (``kv_cache_update``), ``jax:scatter`` (the fast fallback), ``jax:scan``
+  (the ``lax.scan`` fallback); and two baselines: ``index_copy_``
+  (``cache.index_copy_(0, rows, new)``, destination rows precomputed for free)
+  and ``memcpy`` (``dst.copy_(src)`` of the same number of contiguous bytes —
+  the physical limit on this machine).
+* PyTorch/XLA on CPU PJRT (``xla``): the op with ``impl`` = ``auto``, ``jax``,
+  ``pallas_interpret``, and torch_xla's own ``index_copy_`` step as the
+  baseline. A step is the call, ``torch_xla.sync()`` and
+  ``xm.wait_device_ops()``. Skipped when torch_xla is not importable.
+
+Method: one warm-up call (compiles; at a path's first cache size the
+correctness check is that call), one calibration call, then ``--repeats``
+(>= 5) timed samples, each the mean of enough back-to-back steps to last
+``--min-time``; every step ends with a barrier that waits for the work
+(``block_until_ready`` / ``sync`` + ``wait_device_ops``; eager CPU torch is
+synchronous). Reported: the median sample. A set of samples spreading more
+than 1.5x is taken again (up to 3 times while cheap; the steadiest set is
+kept). A path slower than ``--max-call-s`` per call is timed once, and a path
+whose time grows with the cache is not run where it would exceed that budget
+(the table says so). Before its first timing, every path is run once on a
+zeroed cache and compared bitwise with ``jax_kernels.kv_cache_update_reference``
+(``memcpy``: with its source).
+
+Each update shape is swept from the smallest cache size that holds it (a cache
+needs a distinct page for each page the update writes), so the flatness ratio
+is time(largest) / time(smallest holding it).
+
+Outputs in ``--out`` (default ``benchmarks/results/``): ``bench_update.md``
+(tables of medians and ratios, and the bars), ``bars.md`` (the bars alone),
+``bench_update.png`` (time vs cache size, one line per path; needs matplotlib)
+and ``bench_update.json`` (everything, raw samples included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import torch_ops  # noqa: E402,F401  (registers torch.ops.paged_kv; imports JAX behind torch_xla's guard)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import jax_kernels as jk  # noqa: E402
+from benchmarks import report  # noqa: E402
+from benchmarks.report import FLAT_MAX, fmt_size  # noqa: E402
+from benchmarks.workloads import (  # noqa: E402
+    HEAD_DIM,
+    HEADS,
+    SHAPES,
+    cache_rows,
+    fits,
+    make_batch,
+    make_workload,
+)
+from jax_kernels.testing import bits  # noqa: E402
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results"
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+SLICES_PER_PROCESSING_PAGE = 8
+NOISY = 1.5  # max/min of a path's samples above which they are taken again
+
+FULL = dict(sizes=[16, 64, 256, 1024], shapes=list(SHAPES), dtypes=["float32", "bfloat16"], page_sizes=[16, 32],
+            repeats=5, min_time=0.02, max_call_s=2.0, interpret_max_slices=64)
+QUICK = dict(sizes=[4, 16], shapes=["decode", "mixed"], dtypes=["float32"], page_sizes=[16],
+             repeats=5, min_time=0.001, max_call_s=2.0, interpret_max_slices=8)
+
+CPU_OP_IMPLS = ("auto", "jax", "pallas_interpret")
+XLA_OP_IMPLS = ("auto", "jax", "pallas_interpret")
+JAX_PATHS = {
+    "jax:auto": lambda ps: jax.jit(
+        lambda n, i, c, t: jk.kv_cache_update(n, i, c, t, page_size=ps, slices_per_processing_page=SLICES_PER_PROCESSING_PAGE),
+        donate_argnums=2,
+    ),
+    "jax:scatter": lambda ps: jax.jit(lambda n, i, c, t: jk.kv_cache_update_scatter(n, i, c, t, page_size=ps), donate_argnums=2),
+    "jax:scan": lambda ps: jax.jit(lambda n, i, c, t: jk.kv_cache_update_jax(n, i, c, t, page_size=ps), donate_argnums=2),
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ timing
+
+
+def measure(step, *, repeats: int, min_time: float, max_call: float = math.inf, warmup: int = 1,
+            max_attempts: int = 3) -> dict:
+    """Time ``step`` (which must include its own barrier): ``median_s``, ``samples_s``, ...
+
+    ``warmup`` untimed calls (the first compiles), one calibration call, then
+    ``repeats`` samples, each averaging ``number`` back-to-back steps so a
+    sample lasts about ``min_time``. The garbage collector is off while timing.
+    A calibration call slower than ``max_call`` seconds is reported alone
+    (``over_budget``: one call, not ``repeats`` samples; with ``warmup=0`` that
+    call includes compiling, ``with_compile``).
+    """
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    step()
+    single = time.perf_counter() - t0
+    if single > max_call:
+        return dict(median_s=single, samples_s=[single], number=1, warmup_s=warm, over_budget=True, attempts=1,
+                    with_compile=warmup == 0)
+    number = 1 if single >= min_time else min(10_000, math.ceil(min_time / max(single, 1e-7)))
+    best, attempts = None, 0
+    gc.disable()  # (no gc.collect() here: with JAX and torch loaded it takes ~0.25 s)
+    try:
+        # A burst of outside load (other processes on a 2-core machine) can stall a
+        # few samples; a noisy set (max/min > NOISY) is taken again, up to
+        # max_attempts times while that stays cheap, and the steadiest set is kept.
+        while True:
+            attempts += 1
+            samples = []
+            t_start = time.perf_counter()
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(number):
+                    step()
+                samples.append((time.perf_counter() - t0) / number)
+            spread = max(samples) / min(samples)
+            if best is None or spread < best[0]:
+                best = (spread, samples)
+            if spread <= NOISY or attempts >= max_attempts or time.perf_counter() - t_start > 1.0:
+                break
+    finally:
+        gc.enable()
+    samples = best[1]
+    return dict(median_s=statistics.median(samples), samples_s=samples, number=number, warmup_s=warm,
+                over_budget=False, attempts=attempts, with_compile=False)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def to_torch(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor with ``a``'s exact bits (works for ml_dtypes' bfloat16)."""
+    return torch.from_numpy(bits(a).copy()).view(dtype)
+
+
+def torch_bits(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu().contiguous()
+    return bits(t.view(_INT_VIEW[t.element_size()]).numpy())
+
+
+class Runner:
+    """Runs the sweep; collects ``records`` (one per timed path and sweep
+    point) and ``checks`` (one per path and (backend, shape, dtype, page size))."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.records: list[dict] = []
+        self.checks: dict[tuple, dict] = {}
+        self.batches = {(s, ps): make_batch(s, ps, quick=cfg.quick, seed=cfg.seed) for s in cfg.shapes for ps in cfg.page_sizes}
+        self._expected = {}
+        # key → (size, median) at the first / the last size timed: a path that grows with the cache is
+        # not run where it would take more than --max-call-s per call.
+        self.first_time: dict[tuple, tuple] = {}
+        self.last_time: dict[tuple, tuple] = {}
+        self.skipped: list[dict] = []
+
+    # ---- sweep points
+
+    def points(self, dtype: str, size: float):
+        """``(page_size, shape, workload)`` for every batch that fits this cache."""
+        rows = cache_rows(size, dtype, self.cfg.page_sizes)
+        for ps in self.cfg.page_sizes:
+            for shape in self.cfg.shapes:
+                batch = self.batches[(shape, ps)]
+                if fits(batch, rows):
+                    yield ps, shape, make_workload(batch, rows, dtype, seed=self.cfg.seed)
+
+    def smallest_size(self, shape: str, dtype: str, ps: int):
+        for size in self.cfg.sizes:
+            if fits(self.batches[(shape, ps)], cache_rows(size, dtype, self.cfg.page_sizes)):
+                return size
+        return None
+
+    def runs_interpret(self, w, dtype: str, size: float) -> bool:
+        """``pallas_interpret`` (several ms per slice) only on small updates, the
+        first dtype, and at the two ends of the sweep (enough for its flatness ratio)."""
+        if w.batch.max_num_slices > self.cfg.interpret_max_slices or dtype != self.cfg.dtypes[0]:
+            return False
+        ps, shape = w.batch.page_size, w.batch.shape
+        holding = [s for s in self.cfg.sizes if fits(self.batches[(shape, ps)], cache_rows(s, dtype, self.cfg.page_sizes))]
+        return size in (holding[0], holding[-1])
+
+    def expected(self, w, dtype: str) -> np.ndarray:
+        """The reference result on a zeroed cache (computed once per workload)."""
+        key = (w.batch.shape, w.batch.page_size, dtype, w.num_rows)
+        if key not in self._expected:
+            self._expected.clear()  # one at a time: these can be large
+            zeros = np.zeros((w.num_rows, HEADS, HEAD_DIM), w.new_tokens.dtype)
+            self._expected[key] = bits(jk.kv_cache_update_reference(w.new_tokens, w.slice_indices, zeros, w.total))
+        return self._expected[key]
+
+    # ---- one path at one point
+
+    def run_path(self, backend, w, dtype, size, path, step, check=None):
+        """Check ``path`` once (if not yet checked for this config), then time it."""
+        key = (backend, w.batch.shape, dtype, w.batch.page_size, path)
+        checked_now = key not in self.checks  # the check call compiles: it is this size's warm-up
+        if checked_now:
+            t0 = time.perf_counter()
+            try:
+                ok, kind = check()
+                why = "" if ok else "result differs from the reference"
+            except Exception as e:  # noqa: BLE001 — a path that raises is reported, not fatal
+                ok, kind, why = False, "error", f"{type(e).__name__}: {e}"
+            self.checks[key] = dict(backend=backend, shape=w.batch.shape, dtype=dtype, page_size=w.batch.page_size,
+                                    path=path, size_mib=size, kind=kind, ok=ok, why=why,
+                                    seconds=round(time.perf_counter() - t0, 3))  # includes compiling
+            if not ok:
+                log(f"  CHECK FAILED {backend} {path} {w.batch.shape} {dtype} ps={w.batch.page_size}: {why}")
+        if not self.checks[key]["ok"]:
+            return
+        once = False  # time a single call (compile included): the path is over budget already
+        if key in self.last_time:
+            (s0, t0), (s1, t1) = self.first_time[key], self.last_time[key]
+            budget = self.cfg.max_call_s
+            projected = t1 * size / s1  # if it is O(cache)
+            why = None
+            if t1 > FLAT_MAX * t0 and projected > budget:
+                why = (f"growing with the cache ({fmt_size(s0)}: {t0:.3g} s, {fmt_size(s1)}: {t1:.3g} s per call) "
+                       f"and predicted over --max-call-s ({projected:.3g} s)")
+            elif t1 > budget and projected > 5 * budget:
+                why = (f"over --max-call-s at {fmt_size(s1)} ({t1:.3g} s per call), up to {projected:.3g} s here "
+                       f"if it grows with the cache: flatness not measured")
+            if why:
+                self.skipped.append(dict(backend=backend, shape=w.batch.shape, dtype=dtype,
+                                         page_size=w.batch.page_size, path=path, size_mib=size, why=why))
+                log(f"  {backend:3} {w.batch.shape:7} ps={w.batch.page_size:<2} {path:22} skipped: {why}")
+                return
+            once = t1 > budget
+        try:
+            m = measure(step, repeats=self.cfg.repeats, min_time=self.cfg.min_time,
+                        max_call=0.0 if once else self.cfg.max_call_s, warmup=0 if once or checked_now else 1)
+        except Exception as e:  # noqa: BLE001
+            log(f"  {backend} {path}: timing raised {type(e).__name__}: {e}")
+            return
+        self.records.append(dict(
+            backend=backend, shape=w.batch.shape, dtype=dtype, page_size=w.batch.page_size, size_mib=size,
+            num_rows=w.num_rows, path=path, **m,
+            num_slices=w.num_slices, max_num_slices=w.batch.max_num_slices, num_tokens=w.batch.num_tokens,
+            bytes_moved=w.bytes_moved,
+        ))
+        self.first_time.setdefault(key, (size, m["median_s"]))
+        self.last_time[key] = (size, m["median_s"])
+        log(f"  {backend:3} {w.batch.shape:7} ps={w.batch.page_size:<2} {path:22} {m['median_s'] * 1e6:11.1f} µs"
+            f"  (x{m['number']}; warm-up {m['warmup_s']:.2f} s{'; ONE call: over --max-call-s' if m['over_budget'] else ''})")
+
+    # ---- backends
+
+    def cpu_torch(self, dtype: str, size: float) -> None:
+        tdt = TORCH_DTYPES[dtype]
+        rows = cache_rows(size, dtype, self.cfg.page_sizes)
+        cache = torch.empty((rows, HEADS, HEAD_DIM), dtype=tdt).zero_()  # touched: no page faults timed
+        for ps, shape, w in self.points(dtype, size):
+            new = to_torch(w.new_tokens, tdt)
+            idx, total = torch.from_numpy(w.slice_indices), torch.from_numpy(w.total)
+            rows_t = torch.from_numpy(w.dst_rows)
+            src, dst = new.clone(), torch.zeros_like(new)
+
+            def check_cache(step, w=w):
+                cache.zero_()
+                step()
+                return np.array_equal(torch_bits(cache), self.expected(w, dtype)), "reference"
+
+            def memcpy_check(src=src, dst=dst):
+                dst.zero_()
+                dst.copy_(src)
+                return np.array_equal(torch_bits(dst), torch_bits(src)), "copy"
+
+            paths = {
+                "memcpy": (lambda src=src, dst=dst: dst.copy_(src), memcpy_check),
+                "index_copy_": (lambda new=new, rows_t=rows_t: cache.index_copy_(0, rows_t, new), None),
+            }
+            for impl in CPU_OP_IMPLS:
+                if impl == "pallas_interpret" and not self.runs_interpret(w, dtype, size):
+                    continue
+                paths[f"op:{impl}"] = (
+                    lambda impl=impl, new=new, idx=idx, total=total, ps=ps: torch.ops.paged_kv.kv_cache_update(
+                        new, idx, cache, total, ps, SLICES_PER_PROCESSING_PAGE, impl),
+                    None,
+                )
+            for path, (step, check) in paths.items():
+                self.run_path("cpu", w, dtype, size, path, step, check or (lambda step=step: check_cache(step)))
+        del cache
+        gc.collect()
+
+    def cpu_jax(self, dtype: str, size: float) -> None:
+        rows = cache_rows(size, dtype, self.cfg.page_sizes)
+        jdt = jnp.dtype(dtype)
+        state = [jnp.zeros((rows, HEADS, HEAD_DIM), jdt).block_until_ready()]
+        fns = {}
+        for ps, shape, w in self.points(dtype, size):
+            new = jnp.asarray(w.new_tokens)
+            idx, total = jnp.asarray(w.slice_indices), jnp.asarray(w.total)
+            for path, make in JAX_PATHS.items():
+                fn = fns.setdefault((path, ps), make(ps))
+
+                def step(fn=fn, new=new, idx=idx, total=total):
+                    state[0] = fn(new, idx, state[0], total)  # the donated cache, fed back
+                    state[0].block_until_ready()
+
+                def check(fn=fn, new=new, idx=idx, total=total, w=w):
+                    state[0] = None
+                    state[0] = fn(new, idx, jnp.zeros((rows, HEADS, HEAD_DIM), jdt), total)
+                    return np.array_equal(bits(np.asarray(state[0])), self.expected(w, dtype)), "reference"
+
+                self.run_path("cpu", w, dtype, size, path, step, check)
+                if state[0] is None or state[0].is_deleted():  # a failed check or call
+                    state[0] = jnp.zeros((rows, HEADS, HEAD_DIM), jdt).block_until_ready()
+        del state, fns
+        gc.collect()
+
+    def xla(self, dtype: str, size: float) -> None:
+        import torch_xla
+        import torch_xla.core.xla_model as xm
+
+        def barrier():
+            torch_xla.sync()
+            xm.wait_device_ops()
+
+        dev = torch_xla.device()
+        tdt = TORCH_DTYPES[dtype]
+        rows = cache_rows(size, dtype, self.cfg.page_sizes)
+        cache = torch.zeros((rows, HEADS, HEAD_DIM), dtype=tdt, device=dev)
+        barrier()
+        for ps, shape, w in self.points(dtype, size):
+            new = to_torch(w.new_tokens, tdt).to(dev)
+            idx, total = torch.from_numpy(w.slice_indices).to(dev), torch.from_numpy(w.total).to(dev)
+            rows_x = torch.from_numpy(w.dst_rows).to(dev)
+            barrier()
+
+            def check_cache(step, w=w):
+                cache.zero_()
+                barrier()
+                step()
+                return np.array_equal(torch_bits(cache), self.expected(w, dtype)), "reference"
+
+            paths = {"index_copy_": lambda new=new, rows_x=rows_x: cache.index_copy_(0, rows_x, new)}
+            for impl in XLA_OP_IMPLS:
+                if impl == "pallas_interpret" and not self.runs_interpret(w, dtype, size):
+                    continue
+                paths[f"op:{impl}"] = (
+                    lambda impl=impl, new=new, idx=idx, total=total, ps=ps: torch.ops.paged_kv.kv_cache_update(
+                        new, idx, cache, total, ps, SLICES_PER_PROCESSING_PAGE, impl)
+                )
+            for path, call in paths.items():
+                def step(call=call):
+                    call()
+                    barrier()
+
+                self.run_path("xla", w, dtype, size, path, step, lambda step=step: check_cache(step))
+        del cache
+        gc.collect()
+
+    def run(self) -> None:
+        for dtype in self.cfg.dtypes:
+            for size in self.cfg.sizes:
+                if not any(True for _ in self.points(dtype, size)):
+                    continue
+                log(f"[{dtype} cache {size:g} MiB = {cache_rows(size, dtype, self.cfg.page_sizes):,} rows]")
+                self.cpu_torch(dtype, size)
+                self.cpu_jax(dtype, size)
+                if self.cfg.xla:
+                    self.xla(dtype, size)
+                self._expected.clear()
+                gc.collect()
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _list(kind):
+    def parse(text):
+        return [kind(x) for x in text.replace(",", " ").split()]
+    return parse
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run (~30 s): caches of 4 and 16 MiB, decode and mixed updates ~8x smaller, "
+                        "float32, page size 16")
+    p.add_argument("--sizes", type=_list(float), help="cache sizes in MiB (default 16,64,256,1024; quick 4,16)")
+    p.add_argument("--shapes", type=_list(str), help=f"update shapes, from {','.join(SHAPES)} (default all; quick decode,mixed)")
+    p.add_argument("--dtypes", type=_list(str), help="cache dtypes (default float32,bfloat16; quick float32)")
+    p.add_argument("--page-sizes", type=_list(int), help="page sizes (default 16,32; quick 16)")
+    p.add_argument("--repeats", type=int, help="timed samples per path, >= 5 (default 5)")
+    p.add_argument("--min-time", type=float, help="seconds per sample (default 0.02; quick 0.001)")
+    p.add_argument("--max-call-s", type=float,
+                   help="a path slower than this per call (after warm-up) is timed once, not --repeats times; a "
+                        "path growing with the cache is not run where it would exceed this (default 2)")
+    p.add_argument("--interpret-max-slices", type=int,
+                   help="run pallas_interpret only on updates with max_num_slices <= this (default 64 = decode; quick 8)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the layouts and tokens (default 0)")
+    p.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
+                   help=f"results folder (default {DEFAULT_OUT.relative_to(ROOT)})")
+    p.add_argument("--no-xla", action="store_true", help="skip the PyTorch/XLA part")
+    args = p.parse_args(argv)
+    base = QUICK if args.quick else FULL
+    for name, default in base.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, list(default) if isinstance(default, list) else default)
+    if args.repeats < 5:
+        p.error("--repeats must be >= 5 (the median of at least 5 timed runs)")
+    bad = [s for s in args.shapes if s not in SHAPES]
+    if bad:
+        p.error(f"unknown shapes {bad}; choose from {SHAPES}")
+    bad = [d for d in args.dtypes if d not in TORCH_DTYPES]
+    if bad:
+        p.error(f"unknown dtypes {bad}; choose from {list(TORCH_DTYPES)}")
+    args.sizes = sorted(set(args.sizes))
+    args.xla = not args.no_xla
+    return args
+
+
+def environment(cfg) -> dict:
+    env = dict(
+        python=platform.python_version(), torch=torch.__version__, jax=jax.__version__,
+        jaxlib=getattr(jax.lib, "__version__", None) or _version("jaxlib"), torch_xla=_version("torch_xla"),
+        numpy=np.__version__, cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
+        machine=platform.machine(), system=platform.platform(), pjrt_device=os.environ.get("PJRT_DEVICE"),
+        heads=HEADS, head_dim=HEAD_DIM, slices_per_processing_page=SLICES_PER_PROCESSING_PAGE,
+        argv=sys.argv[1:], quick=cfg.quick, sizes_mib=cfg.sizes, shapes=cfg.shapes, dtypes=cfg.dtypes,
+        page_sizes=cfg.page_sizes, repeats=cfg.repeats, min_time_s=cfg.min_time, max_call_s=cfg.max_call_s,
+        interpret_max_slices=cfg.interpret_max_slices,
+        started=datetime.datetime.now().isoformat(timespec="seconds"), loadavg_start=_loadavg(),
+    )
+    return env
+
+
+def _version(module):
+    try:
+        from importlib.metadata import version
+
+        return version(module.replace("_", "-"))
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.xla and importlib.util.find_spec("torch_xla") is None:
+        log("torch_xla is not installed: skipping the PyTorch/XLA part")
+        cfg.xla = False
+    env = environment(cfg)
+    env["xla"] = cfg.xla
+    log(f"bench_update: sizes {cfg.sizes} MiB, shapes {cfg.shapes}, dtypes {cfg.dtypes}, page sizes {cfg.page_sizes}, "
+        f"repeats {cfg.repeats}, xla {cfg.xla}; load average {env['loadavg_start']} on {env['cpus']} CPUs")
+    t0 = time.perf_counter()
+    runner = Runner(cfg)
+    runner.run()
+    env["wall_s"] = round(time.perf_counter() - t0, 1)
+    env["loadavg_end"] = _loadavg()
+    batches = {f"{s}/{ps}": dict(shape=s, page_size=ps, description=b.describe(),
+                                 smallest_size_mib={d: runner.smallest_size(s, d, ps) for d in cfg.dtypes})
+               for (s, ps), b in runner.batches.items()}
+    files = report.write_all(cfg.out, env, batches, runner.records, list(runner.checks.values()), runner.skipped)
+    print(files["bars_text"])
+    log(f"wrote {', '.join(str(p) for p in files['paths'])} in {env['wall_s']} s")
+    failed = [c for c in runner.checks.values() if not c["ok"]]
+    if failed:
+        log(f"{len(failed)} correctness check(s) FAILED")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
