@@ -40,21 +40,22 @@ def _prepare(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_s
     )
     mode = _validation.validation_mode()
     meta = None
-    if slice_indices.device.type == "cpu" or impl == "pallas_interpret" or mode == "always":
+    # Eager paths (CPU, CUDA) and pallas_interpret read the metadata on the
+    # host anyway (on CUDA: a sync), so it is checked there by default; on XLA
+    # only under validation("always").
+    if slice_indices.device.type != "xla" or impl == "pallas_interpret" or mode == "always":
         meta = _validation.host_metadata(slice_indices, total_update_slices)
     if meta is not None and mode != "never":
         _validation.validate_data(new_kv_tokens, meta[0], flat, meta[1], page_size=page_size)
     return flat, meta
 
 
-def _update_eager_(new_kv_tokens, flat, meta, slice_indices, total_update_slices, page_size, slices_per_processing_page, impl):
+def _update_eager_(new_kv_tokens, flat, meta, page_size, slices_per_processing_page, impl):
     if impl == "pallas":
         raise ValueError(
             f"impl='pallas' needs PyTorch/XLA tensors on a TPU, got {flat.device} tensors; "
             f"use impl='pallas_interpret' to run the kernel's code elsewhere"
         )
-    if meta is None:  # CUDA metadata with validation mode "host"/"never": fetch it (a sync)
-        meta = _validation.host_metadata(slice_indices, total_update_slices)
     idx, total = meta
     if impl in ("auto", "torch"):
         _eager.update_rows_(new_kv_tokens, idx, total, flat)
@@ -70,7 +71,7 @@ def _update_eager_(new_kv_tokens, flat, meta, slice_indices, total_update_slices
 
 def _update_eager(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size=32, slices_per_processing_page=8, impl="auto"):
     flat, meta = _prepare(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size, slices_per_processing_page, impl)
-    _update_eager_(new_kv_tokens, flat, meta, slice_indices, total_update_slices, page_size, slices_per_processing_page, impl)
+    _update_eager_(new_kv_tokens, flat, meta, page_size, slices_per_processing_page, impl)
     torch.autograd.graph.increment_version(kv_cache)  # views and autograd see the mutation
 
 
@@ -78,10 +79,10 @@ def _functional_eager(new_kv_tokens, slice_indices, kv_cache, total_update_slice
     """A copy of the cache, updated (O(cache) by nature)."""
     flat, meta = _prepare(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size, slices_per_processing_page, impl)
     if impl == "pallas":  # fail before the O(cache) clone
-        _update_eager_(new_kv_tokens, flat, meta, slice_indices, total_update_slices, page_size, slices_per_processing_page, impl)
+        _update_eager_(new_kv_tokens, flat, meta, page_size, slices_per_processing_page, impl)
     out = kv_cache.clone()
     flat_out = _validation.flat_cache(out, page_size)
-    _update_eager_(new_kv_tokens, flat_out, meta, slice_indices, total_update_slices, page_size, slices_per_processing_page, impl)
+    _update_eager_(new_kv_tokens, flat_out, meta, page_size, slices_per_processing_page, impl)
     return out
 
 

@@ -23,9 +23,11 @@ _state = threading.local()
 
 
 def validation_mode() -> str:
-    """``"host"`` (default): check slice data whenever it is on the host (CPU
-    tensors) — never forcing a device→host sync; ``"always"``: also fetch XLA /
-    CUDA metadata to check it (a sync per call; for development); ``"never"``."""
+    """``"host"`` (default): check the slice data whenever the op reads it on
+    the host anyway — eager CPU and CUDA tensors (the eager paths need it
+    there) and ``pallas_interpret`` — never adding a device→host sync;
+    ``"always"``: also fetch PyTorch/XLA metadata to check it (a sync per call;
+    for development); ``"never"``: skip the data checks."""
     return getattr(_state, "mode", "host")
 
 
