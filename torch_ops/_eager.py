@@ -29,18 +29,22 @@ def as_copyable(t: torch.Tensor) -> torch.Tensor:
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """``[N, H, D]`` → ``[N, H*D*itemsize/8]`` float64 view (no copy) when each
-    row is contiguous and 8-byte aligned, else :func:`as_copyable`.
+    """``[N, H, D]`` → ``[N, row_bytes / w]`` view (no copy) with ``w``-byte
+    elements — complex128 (16 bytes) or float64 (8) — when each row is
+    contiguous and aligned to ``w``, else :func:`as_copyable`.
 
-    ``index_copy_`` then moves 8-byte words: measured 2-3x faster than the
-    native bfloat16 kernel and never slower for float32. It only moves them —
-    no arithmetic — so the bits, NaN payloads and denormals included, arrive
-    unchanged (a test copies every bfloat16 bit pattern this way)."""
-    if t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == t.shape[2] and (t.shape[1] * t.shape[2] * t.element_size()) % 8 == 0:
-        try:
-            return t.view(t.shape[0], -1).view(torch.float64)
-        except RuntimeError:  # not 8-byte aligned, or rows not evenly strided
-            pass
+    ``index_copy_`` then moves 16- or 8-byte words: measured 2-3x faster than
+    the native bfloat16 kernel and up to 2x faster for float32. It only moves
+    them — no arithmetic — so the bits, NaN payloads and denormals included,
+    arrive unchanged (a test copies every bfloat16 bit pattern this way)."""
+    if t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == t.shape[2]:
+        row_bytes = t.shape[1] * t.shape[2] * t.element_size()
+        for wide in (torch.complex128, torch.float64):
+            if row_bytes % wide.itemsize == 0:
+                try:
+                    return t.view(t.shape[0], -1).view(wide)
+                except RuntimeError:  # not aligned, or rows not evenly strided
+                    continue
     return as_copyable(t)
 
 
