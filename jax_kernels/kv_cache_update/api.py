@@ -34,6 +34,23 @@ def _kv_cache_update_auto(
     )
 
 
+def check_slice_data(new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices, *, page_size, validate):
+    """``dynamic_validate_inputs`` as ``validate`` asks: ``None`` — when the
+    metadata is concrete and on the host; ``True`` — always (fetching device
+    metadata); ``False`` — never."""
+    if validate is None:
+        validate = not is_traced(slice_indices, total_update_slices) and (
+            is_on_host(slice_indices) and is_on_host(total_update_slices)
+        )
+    if not validate:
+        return
+    if is_traced(slice_indices, total_update_slices):
+        raise ValueError("validate=True needs concrete slice metadata, not values traced inside jit")
+    dynamic_validate_inputs(
+        new_kv_tokens, np.asarray(slice_indices), kv_cache_pages, np.asarray(total_update_slices), page_size=page_size
+    )
+
+
 def kv_cache_update(
     new_kv_tokens,  # [T, H, D]
     slice_indices,  # int[3, S]: rows (dst row in cache, src row in new_kv_tokens, len)
@@ -92,20 +109,7 @@ def kv_cache_update(
         slices_per_processing_page=slices_per_processing_page,
         for_tpu_kernel=kernel_wanted,
     )
-    if validate is None:
-        validate = not is_traced(slice_indices, total_update_slices) and (
-            is_on_host(slice_indices) and is_on_host(total_update_slices)
-        )
-    if validate:
-        if is_traced(slice_indices, total_update_slices):
-            raise ValueError("validate=True needs concrete slice metadata, not values traced inside jit")
-        dynamic_validate_inputs(
-            new_kv_tokens,
-            np.asarray(slice_indices),
-            kv_cache_pages,
-            np.asarray(total_update_slices),
-            page_size=page_size,
-        )
+    check_slice_data(new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices, page_size=page_size, validate=validate)
     if kernel_wanted:
         run = functools.partial(
             kv_cache_update_pallas,

@@ -12,12 +12,10 @@ from __future__ import annotations
 import functools
 
 import jax
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from .._utils import is_on_host, is_traced
-from .api import kv_cache_update
-from .validation import dynamic_validate_inputs, static_validate_inputs
+from .api import check_slice_data, kv_cache_update
+from .validation import static_validate_inputs
 
 
 def kv_cache_update_sharded(
@@ -59,10 +57,7 @@ def kv_cache_update_sharded(
         raise ValueError(
             f"kv_cache_pages has {heads} heads, not divisible by mesh axis {heads_axis!r} of size {shards}"
         )
-    if not is_traced(slice_indices, total_update_slices) and is_on_host(slice_indices) and is_on_host(total_update_slices):
-        dynamic_validate_inputs(
-            new_kv_tokens, np.asarray(slice_indices), kv_cache_pages, np.asarray(total_update_slices), page_size=page_size
-        )
+    check_slice_data(new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices, page_size=page_size, validate=None)
     local = functools.partial(
         kv_cache_update, page_size=page_size, slices_per_processing_page=slices_per_processing_page, validate=False
     )
