@@ -49,7 +49,6 @@ import argparse
 import datetime
 import gc
 import importlib.util
-import json
 import math
 import os
 import pathlib

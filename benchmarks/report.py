@@ -367,7 +367,7 @@ def plot(res, env, path: pathlib.Path) -> str | None:
                 ax.set_xlabel("cache size (MiB)")
             if j == 0:
                 ax.set_ylabel("µs per update")
-    handles, labels = {}, {}
+    handles = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
