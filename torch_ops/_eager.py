@@ -50,52 +50,60 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
 
 def copy_rows_(flat: torch.Tensor, dst_rows: np.ndarray, rows: torch.Tensor) -> None:
     """``flat[dst_rows[i]] = rows[i]`` for every ``i``, with one ``index_copy_``."""
-    index = torch.from_numpy(dst_rows).to(flat.device)
+    index = torch.from_numpy(dst_rows)
+    if flat.device.type != "cpu":
+        index = index.to(flat.device)
     dst, src = as_rows(flat), as_rows(rows)
     if dst.dtype != src.dtype or dst.shape[1:] != src.shape[1:]:
         dst, src = as_copyable(flat), as_copyable(rows)
     dst.index_copy_(0, index, src)
 
 
-def live_slices(idx: np.ndarray, total: int):
-    """``(dst, src, len)`` i64 arrays of the valid slices with ``len > 0``."""
-    dst, src, length = idx[0, :total], idx[1, :total], idx[2, :total]
-    keep = length > 0
-    if not keep.all():
-        dst, src, length = dst[keep], src[keep], length[keep]
-    return dst, src, length
-
-
 class RowPlan:
     """Where every copied row goes: the valid slices with ``len > 0``, packed
-    end to end (the order of ``slice_indices``)."""
+    end to end (the order of ``slice_indices``).
 
-    def __init__(self, idx: np.ndarray, total: int):
-        self.dst, self.src, self.length = live_slices(idx, total)  # i64[n] each
-        self.num_rows = int(self.length.sum())
-        self.packed_start = np.cumsum(self.length) - self.length  # i64[n]: first packed row of each slice
-        if self.num_rows == len(self.length):  # every slice is one row (decode): nothing to expand
+    Built from the valid columns ``i64[3, total]`` that
+    ``torch_ops._validation.host_columns`` returns; it runs on every eager
+    call, so it does only the numpy work the row copy needs."""
+
+    def __init__(self, cols: np.ndarray):
+        dst, src, length = cols  # i64[total] each
+        if not length.all():
+            keep = length > 0
+            dst, src, length = dst[keep], src[keep], length[keep]
+        self.dst, self.src, self.length = dst, src, length  # i64[n] each
+        self.num_rows = int(length.sum())
+        if self.num_rows == len(length):  # every slice is one row (decode): nothing to expand
             self._within = None
-            self.dst_rows = self.dst
+            self.dst_rows = dst
         else:
             # i64[num_rows]: the row offset within its slice, for every copied row.
-            self._within = np.arange(self.num_rows) - np.repeat(self.packed_start, self.length)
-            self.dst_rows = np.repeat(self.dst, self.length) + self._within  # i64[num_rows]
+            self._within = np.arange(self.num_rows) - np.repeat(self.packed_start, length)
+            self.dst_rows = np.repeat(dst, length) + self._within  # i64[num_rows]
+
+    @functools.cached_property
+    def packed_start(self) -> np.ndarray:
+        """i64[n]: the first packed row of each slice."""
+        return np.cumsum(self.length) - self.length
 
     def source_rows(self, new_kv_tokens: torch.Tensor) -> torch.Tensor:
         """The source rows in packed order: a view when the slices read one
         contiguous run of ``new_kv_tokens`` in order (block-table layouts do),
         else a gather."""
-        first = int(self.src[0])
-        if (self.src - self.packed_start == first).all():
-            return new_kv_tokens.narrow(0, first, self.num_rows)
-        src_rows = self.src if self._within is None else np.repeat(self.src, self.length) + self._within
-        return new_kv_tokens.index_select(0, torch.from_numpy(src_rows).to(new_kv_tokens.device))
+        src = self.src
+        if (src[1:] - src[:-1] == self.length[:-1]).all():
+            return new_kv_tokens.narrow(0, int(src[0]), self.num_rows)
+        src_rows = src if self._within is None else np.repeat(src, self.length) + self._within
+        index = torch.from_numpy(src_rows)
+        if new_kv_tokens.device.type != "cpu":
+            index = index.to(new_kv_tokens.device)
+        return new_kv_tokens.index_select(0, index)
 
 
-def update_rows_(new_kv_tokens: torch.Tensor, idx: np.ndarray, total: int, flat: torch.Tensor) -> None:
+def update_rows_(new_kv_tokens: torch.Tensor, cols: np.ndarray, flat: torch.Tensor) -> None:
     """``impl="torch"``: copy every named row with one ``index_copy_``."""
-    plan = RowPlan(idx, total)
+    plan = RowPlan(cols)
     if plan.num_rows == 0:
         return
     copy_rows_(flat, plan.dst_rows, plan.source_rows(new_kv_tokens))
@@ -165,8 +173,8 @@ def staged_update(
 
 def update_staged_(
     new_kv_tokens: torch.Tensor,
-    idx: np.ndarray,
-    total: int,
+    cols: np.ndarray,
+    num_slices: int,
     flat: torch.Tensor,
     *,
     impl: str,
@@ -175,11 +183,11 @@ def update_staged_(
 ) -> None:
     """``impl`` in ``jax``/``scan``/``pallas_interpret`` on eager tensors: the
     JAX code on a staging cache, then one ``index_copy_`` into ``flat``."""
-    plan = RowPlan(idx, total)
+    plan = RowPlan(cols)
     if plan.num_rows == 0:
         return
     rows = staged_update(
-        new_kv_tokens, plan, idx.shape[1], impl=impl, page_size=page_size,
+        new_kv_tokens, plan, num_slices, impl=impl, page_size=page_size,
         slices_per_processing_page=slices_per_processing_page,
     )
     copy_rows_(flat, plan.dst_rows, rows.to(flat.device))

@@ -33,35 +33,34 @@ _lib.define("kv_cache_update_functional" + _SIGNATURE.format(mut="") + " -> Tens
 
 def _prepare(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size, slices_per_processing_page, impl):
     """All checks that can run here, before any data moves. Returns
-    ``(flat cache view, host metadata or None)``."""
+    ``(flat cache view, host columns i64[3, total] or None)``."""
     flat = _validation.validate_static(
         new_kv_tokens, slice_indices, kv_cache, total_update_slices,
         page_size=page_size, slices_per_processing_page=slices_per_processing_page, impl=impl,
     )
     mode = _validation.validation_mode()
-    meta = None
+    cols = None
     # Eager paths (CPU, CUDA) and pallas_interpret read the metadata on the
     # host anyway (on CUDA: a sync), so it is checked there by default; on XLA
     # only under validation("always").
     if slice_indices.device.type != "xla" or impl == "pallas_interpret" or mode == "always":
-        meta = _validation.host_metadata(slice_indices, total_update_slices)
-    if meta is not None and mode != "never":
-        _validation.validate_data(new_kv_tokens, meta[0], flat, meta[1], page_size=page_size)
-    return flat, meta
+        cols = _validation.host_columns(slice_indices, total_update_slices)
+        if mode != "never":
+            _validation.validate_data(new_kv_tokens, cols, flat, page_size=page_size)
+    return flat, cols
 
 
-def _update_eager_(new_kv_tokens, flat, meta, page_size, slices_per_processing_page, impl):
+def _update_eager_(new_kv_tokens, flat, cols, num_slices, page_size, slices_per_processing_page, impl):
     if impl == "pallas":
         raise ValueError(
             f"impl='pallas' needs PyTorch/XLA tensors on a TPU, got {flat.device} tensors; "
             f"use impl='pallas_interpret' to run the kernel's code elsewhere"
         )
-    idx, total = meta
     if impl in ("auto", "torch"):
-        _eager.update_rows_(new_kv_tokens, idx, total, flat)
+        _eager.update_rows_(new_kv_tokens, cols, flat)
     else:
         _eager.update_staged_(
-            new_kv_tokens, idx, total, flat, impl=impl, page_size=page_size,
+            new_kv_tokens, cols, num_slices, flat, impl=impl, page_size=page_size,
             slices_per_processing_page=slices_per_processing_page,
         )
 
@@ -70,19 +69,20 @@ def _update_eager_(new_kv_tokens, flat, meta, page_size, slices_per_processing_p
 
 
 def _update_eager(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size=32, slices_per_processing_page=8, impl="auto"):
-    flat, meta = _prepare(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size, slices_per_processing_page, impl)
-    _update_eager_(new_kv_tokens, flat, meta, page_size, slices_per_processing_page, impl)
+    flat, cols = _prepare(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size, slices_per_processing_page, impl)
+    _update_eager_(new_kv_tokens, flat, cols, slice_indices.shape[1], page_size, slices_per_processing_page, impl)
     torch.autograd.graph.increment_version(kv_cache)  # views and autograd see the mutation
 
 
 def _functional_eager(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size=32, slices_per_processing_page=8, impl="auto"):
     """A copy of the cache, updated (O(cache) by nature)."""
-    flat, meta = _prepare(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size, slices_per_processing_page, impl)
+    flat, cols = _prepare(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size, slices_per_processing_page, impl)
+    num_slices = slice_indices.shape[1]
     if impl == "pallas":  # fail before the O(cache) clone
-        _update_eager_(new_kv_tokens, flat, meta, page_size, slices_per_processing_page, impl)
+        _update_eager_(new_kv_tokens, flat, cols, num_slices, page_size, slices_per_processing_page, impl)
     out = kv_cache.clone()
     flat_out = _validation.flat_cache(out, page_size)
-    _update_eager_(new_kv_tokens, flat_out, meta, page_size, slices_per_processing_page, impl)
+    _update_eager_(new_kv_tokens, flat_out, cols, num_slices, page_size, slices_per_processing_page, impl)
     return out
 
 
@@ -95,10 +95,10 @@ for _key in ("CPU", "CUDA"):
 
 
 def _functional_xla(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size=32, slices_per_processing_page=8, impl="auto"):
-    _, meta = _prepare(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size, slices_per_processing_page, impl)
+    _, cols = _prepare(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size, slices_per_processing_page, impl)
     return _xla.functional_update(
         new_kv_tokens, slice_indices, kv_cache, total_update_slices, impl=impl, page_size=page_size,
-        slices_per_processing_page=slices_per_processing_page, host_meta=meta,
+        slices_per_processing_page=slices_per_processing_page, host_cols=cols,
     )
 
 

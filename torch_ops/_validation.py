@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 import jax_kernels as jk
+from jax_kernels.kv_cache_update import validation as jk_validation
 from bridge.dtypes import torch_to_jax_dtype
 
 from ._impls import check_impl
@@ -134,14 +135,18 @@ def validate_static(
     return flat
 
 
-def host_metadata(slice_indices: torch.Tensor, total_update_slices: torch.Tensor):
-    """``(idx i64[3, S], total int)`` as numpy; a device→host copy off CPU."""
-    idx = slice_indices.detach().cpu().numpy().astype(np.int64, copy=False)
-    total = int(total_update_slices.detach().cpu().numpy().reshape(-1)[0])
-    return idx, total
+def host_columns(slice_indices: torch.Tensor, total_update_slices: torch.Tensor) -> np.ndarray:
+    """The valid slice columns ``slice_indices[:, :total]`` as numpy
+    ``i64[3, total]`` (a device→host copy off CPU), ``total`` range-checked."""
+    idx = slice_indices.detach()
+    if idx.device.type != "cpu":
+        idx = idx.cpu()
+    return jk_validation.slice_columns(idx.numpy(), total_update_slices.detach().item())
 
 
-def validate_data(new_kv_tokens, idx: np.ndarray, flat: torch.Tensor, total: int, *, page_size: int) -> None:
-    """The slice data checks of ``jax_kernels.dynamic_validate_inputs`` (which
-    reads only the shapes of the token and cache tensors)."""
-    jk.dynamic_validate_inputs(new_kv_tokens, idx, flat, np.array([total]), page_size=page_size)
+def validate_data(new_kv_tokens, cols: np.ndarray, flat: torch.Tensor, *, page_size: int) -> None:
+    """The slice data checks of ``jax_kernels.dynamic_validate_inputs`` on the
+    columns from :func:`host_columns`."""
+    jk_validation.check_slice_columns(
+        cols, num_tokens=new_kv_tokens.shape[0], num_rows=flat.shape[0], page_size=page_size
+    )

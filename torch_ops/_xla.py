@@ -24,7 +24,7 @@ def is_tpu() -> bool:
 
 def functional_update(
     new_kv_tokens, slice_indices, kv_cache, total_update_slices, *, impl, page_size, slices_per_processing_page,
-    host_meta=None,
+    host_cols=None,
 ):
     """A new XLA tensor: ``kv_cache`` with the update applied."""
     if impl == "pallas" and not is_tpu():
@@ -40,7 +40,7 @@ def functional_update(
     if impl == "pallas_interpret":
         return _interpret_on_host(
             new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size=page_size,
-            slices_per_processing_page=slices_per_processing_page, host_meta=host_meta,
+            slices_per_processing_page=slices_per_processing_page, host_cols=host_cols,
         )
     import torch_xla.core.xla_builder as xb  # here: torch_xla is optional, and loaded by now
 
@@ -56,20 +56,20 @@ def functional_update(
 
 
 def _interpret_on_host(
-    new_kv_tokens, slice_indices, kv_cache, total_update_slices, *, page_size, slices_per_processing_page, host_meta
+    new_kv_tokens, slice_indices, kv_cache, total_update_slices, *, page_size, slices_per_processing_page, host_cols
 ):
     """``pallas_interpret`` on XLA tensors: the TPU interpreter needs host
     callbacks, which an XLA graph cannot hold, so the kernel runs on the host
     on a staging cache of the written rows (a device→host sync for the tokens
     and metadata), and the rows come back with one ``index_copy``."""
-    from ._validation import flat_cache, host_metadata
+    from ._validation import flat_cache, host_columns
 
-    idx, total = host_meta if host_meta is not None else host_metadata(slice_indices, total_update_slices)
-    plan = RowPlan(idx, total)
+    cols = host_cols if host_cols is not None else host_columns(slice_indices, total_update_slices)
+    plan = RowPlan(cols)
     if plan.num_rows == 0:
         return kv_cache.clone()
     rows = staged_update(
-        new_kv_tokens.cpu(), plan, idx.shape[1], impl="pallas_interpret", page_size=page_size,
+        new_kv_tokens.cpu(), plan, slice_indices.shape[1], impl="pallas_interpret", page_size=page_size,
         slices_per_processing_page=slices_per_processing_page,
     )
     flat = flat_cache(kv_cache, page_size)

@@ -149,45 +149,81 @@ def dynamic_validate_inputs(
     arrays or CPU arrays); reading device arrays forces a device→host sync,
     which is the caller's decision.
     """
-    num_tokens = _shape(new_kv_tokens)[0]
-    num_rows = _shape(kv_cache_pages)[0]
-    idx = np.asarray(slice_indices)
+    check_slice_columns(
+        slice_columns(slice_indices, total_update_slices),
+        num_tokens=_shape(new_kv_tokens)[0],
+        num_rows=_shape(kv_cache_pages)[0],
+        page_size=page_size,
+    )
+
+
+def slice_columns(slice_indices, total_update_slices) -> np.ndarray:
+    """The valid columns ``slice_indices[:, :total]`` as ``i64[3, total]`` (a
+    copy), after checking ``0 <= total <= num_slices``. Host data only."""
+    idx = np.asarray(slice_indices)  # int[3, S]
     num_slices = idx.shape[1]
     total = int(np.asarray(total_update_slices).reshape(-1)[0])
     if not 0 <= total <= num_slices:
-        raise ValueError(
-            f"total_update_slices={total} must be in [0, num_slices={num_slices}]"
-        )
+        raise ValueError(f"total_update_slices={total} must be in [0, num_slices={num_slices}]")
+    return idx[:, :total].astype(np.int64)
+
+
+def check_slice_columns(cols: np.ndarray, *, num_tokens: int, num_rows: int, page_size: int) -> None:
+    """The per-slice checks of :func:`dynamic_validate_inputs` on the valid
+    columns ``cols`` (``i64[3, total]``, from :func:`slice_columns`).
+
+    Written for the common, valid case: a handful of whole-array numpy
+    reductions (it runs before every eager update); per-slice detail is
+    computed only to word an error."""
+    total = cols.shape[1]
     if total == 0:
         return
-    cols = np.asarray(idx[:, :total], dtype=np.int64)  # i64[3, total]
-    dst, src, length = cols
-    end = dst + length
-    # Whole-array reductions first (the common, valid case); per-slice detail
-    # only to word an error.
-    if cols.min() < 0 or length.max() > page_size or end.max() > num_rows or (src + length).max() > num_tokens:
-        bad = (cols.min(axis=0) < 0) | (length > page_size) | (end > num_rows) | (src + length > num_tokens)
-        j = int(np.argmax(bad))
-        d, s, n = int(dst[j]), int(src[j]), int(length[j])
-        if min(d, s, n) < 0:
-            why = "negative value"
-        elif n > page_size:
-            why = f"length {n} exceeds {page_size=}"
-        elif d + n > num_rows:
-            why = f"destination rows [{d}, {d + n}) fall outside kv_cache_pages ({num_rows} rows)"
-        else:
-            why = f"source rows [{s}, {s + n}) fall outside new_kv_tokens ({num_tokens} rows)"
-        raise ValueError(f"slice_indices[:, {j}] = (dst={d}, src={s}, len={n}): {why}")
+    dst, src, length = cols  # i64[total] each
+    ends = cols[:2] + length  # i64[2, total]: end of the destination and of the source rows
+    dst_min, src_min, len_min = cols.min(axis=1).tolist()
+    len_max = int(length.max())
+    dst_end_max, src_end_max = ends.max(axis=1).tolist()
+    if min(dst_min, src_min, len_min) < 0 or len_max > page_size or dst_end_max > num_rows or src_end_max > num_tokens:
+        _raise_bad_slice(cols, ends, num_tokens=num_tokens, num_rows=num_rows, page_size=page_size)
+    if total < 2 or len_max == 0:
+        return
+    if len_min == len_max:  # every slice the same length (decode: 1): sorting the destinations suffices
+        starts = np.sort(dst)
+        if (starts[1:] - starts[:-1] >= len_min).all():
+            return
+    else:
+        live = None if len_min > 0 else np.flatnonzero(length)
+        order = np.argsort(dst if live is None else dst[live], kind="stable")
+        if live is not None:
+            order = live[order]
+        if (dst[order[1:]] >= ends[0, order[:-1]]).all():
+            return
+    _raise_overlap(dst, ends[0], length)
 
-    live = None if length.all() else np.flatnonzero(length)
-    if (total if live is None else live.size) > 1:
-        order = np.argsort(dst, kind="stable") if live is None else live[np.argsort(dst[live], kind="stable")]
-        overlap = dst[order[1:]] < end[order[:-1]]
-        if overlap.any():
-            k = int(np.argmax(overlap))
-            a, b = int(order[k]), int(order[k + 1])
-            raise ValueError(
-                f"slice_indices[:, {a}] and slice_indices[:, {b}] write overlapping cache "
-                f"rows ([{int(dst[a])}, {int(end[a])}) and [{int(dst[b])}, {int(end[b])})); "
-                f"destinations must be disjoint"
-            )
+
+def _raise_bad_slice(cols, ends, *, num_tokens: int, num_rows: int, page_size: int):
+    dst, src, length = cols
+    bad = (cols.min(axis=0) < 0) | (length > page_size) | (ends[0] > num_rows) | (ends[1] > num_tokens)
+    j = int(np.argmax(bad))
+    d, s, n = int(dst[j]), int(src[j]), int(length[j])
+    if min(d, s, n) < 0:
+        why = "negative value"
+    elif n > page_size:
+        why = f"length {n} exceeds {page_size=}"
+    elif d + n > num_rows:
+        why = f"destination rows [{d}, {d + n}) fall outside kv_cache_pages ({num_rows} rows)"
+    else:
+        why = f"source rows [{s}, {s + n}) fall outside new_kv_tokens ({num_tokens} rows)"
+    raise ValueError(f"slice_indices[:, {j}] = (dst={d}, src={s}, len={n}): {why}")
+
+
+def _raise_overlap(dst, end, length):
+    live = np.flatnonzero(length)
+    order = live[np.argsort(dst[live], kind="stable")]
+    k = int(np.argmax(dst[order[1:]] < end[order[:-1]]))
+    a, b = int(order[k]), int(order[k + 1])
+    raise ValueError(
+        f"slice_indices[:, {a}] and slice_indices[:, {b}] write overlapping cache "
+        f"rows ([{int(dst[a])}, {int(end[a])}) and [{int(dst[b])}, {int(end[b])})); "
+        f"destinations must be disjoint"
+    )
