@@ -2,12 +2,12 @@
 
 Two paths, chosen by the tensors' device:
 
-* **XLA tensors** (PyTorch/XLA): the function is lowered by JAX to HLO and
-  staged into PyTorch/XLA's lazy graph through
-  ``torch_xla.core.xla_builder.call_jax``. No data moves, nothing executes and
-  the host does not wait: the result is a lazy XLA tensor like any other.
-  torch_xla's ``call_jax`` needs ``torchax`` importable (torchax 0.0.7 imports
-  ``flax`` at import time).
+* **XLA tensors** (PyTorch/XLA): the function is lowered by JAX to HLO once
+  per signature and staged into PyTorch/XLA's lazy graph
+  (:class:`bridge.xla_staging.StagedJaxFunction`, what
+  ``torch_xla.core.xla_builder.call_jax`` does, without its per-call cost).
+  No data moves, nothing executes and the host does not wait: the result is a
+  lazy XLA tensor like any other.
 * **eager tensors** (CPU, CUDA): inputs go to JAX with :func:`bridge.to_jax`
   (zero-copy where possible), a ``jax.jit`` of the function runs on the
   tensors' device, outputs come back with :func:`bridge.to_torch` (zero-copy;
@@ -29,12 +29,9 @@ closure, lambda or ``functools.partial`` created anew on every call is a new
 key and is traced (and compiled) again on every call. Define the function once
 (module level, or once per model) and pass changing values as arguments.
 
-torch_xla's own cache (``xla_builder._JAX_TO_XLA_COMPUTATION_CACHE``), keyed by
-``id(fn)``, keeps every function it has seen alive for the life of the process,
-and it caches the output structure per function rather than per shape. This
-module therefore hands it one dedicated flat function per cache entry above:
-its output structure never changes, but an entry it has seen is never freed by
-torch_xla (so, again: do not create functions per call).
+On XLA each entry holds its lowered computation, so a dropped entry frees it
+(torch_xla's own ``call_jax`` cache, which this module does not use, keeps
+every function it has seen for the life of the process).
 
 Not differentiable: inputs that require grad raise while grad mode is on
 (wrap the call in ``torch.no_grad()`` or detach them).
@@ -66,6 +63,7 @@ class _TracedCall:
         self.tensor_slots = tensor_slots
         self.out_treedef = None  # set when the flat function is traced
         self.jitted = None  # eager path: jax.jit(self.flat_fn), made on first use
+        self.staged = None  # XLA path: a StagedJaxFunction of self.flat_fn, made on first use
         # One function object per entry: torch_xla caches by id(function).
         self.flat_fn = self._make_flat_fn()
 
@@ -206,12 +204,8 @@ def _run_eager(entry: _TracedCall, tensors: list[torch.Tensor]) -> list[torch.Te
 
 
 def _run_staged_in_xla(entry: _TracedCall, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    import torch_xla.core.xla_builder as xb
-    from torch_xla._internal.jax_workarounds import maybe_get_torchax
+    if entry.staged is None:
+        from bridge.xla_staging import StagedJaxFunction
 
-    if maybe_get_torchax() is None:
-        raise ImportError(
-            "bridge.call_jax on XLA tensors uses torch_xla.core.xla_builder.call_jax, which needs "
-            "torchax importable; torchax 0.0.7 imports flax at import time: install torchax and flax"
-        )
-    return list(xb.call_jax(entry.flat_fn, tuple(tensors)))
+        entry.staged = StagedJaxFunction(entry.flat_fn)
+    return entry.staged(*tensors)

@@ -286,6 +286,52 @@ def test_xla_int64_without_x64_is_refused_clearly(xla_device):
         bridge.call_jax(lambda a: a, torch.zeros(3, dtype=torch.int64, device=xla_device))
 
 
+def test_staged_function_lowers_once_per_signature(xla_device):
+    from bridge.xla_staging import StagedJaxFunction
+
+    traces = []
+
+    def fn(x, y):
+        traces.append(x.shape)
+        return (x * 2 + y, jnp.sum(x))
+
+    staged = StagedJaxFunction(fn, name="xla::test_fn")
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    for _ in range(3):
+        out, total = staged(x.to(xla_device), torch.ones(2, 3, device=xla_device))
+    assert staged.num_lowered == 1 and len(traces) == 1
+    torch.testing.assert_close(out.cpu(), x * 2 + 1)
+    assert float(total.cpu()) == 15.0
+    staged(torch.ones(4, 3, device=xla_device), torch.ones(4, 3, device=xla_device))
+    staged(x.to(torch.bfloat16).to(xla_device), torch.ones(2, 3, dtype=torch.bfloat16, device=xla_device))
+    assert staged.num_lowered == 3 and len(traces) == 3
+
+
+def test_staged_function_name_must_be_namespaced(xla_device):
+    from bridge.xla_staging import StagedJaxFunction
+
+    with pytest.raises(ValueError, match="name='plain' must contain '::'"):
+        StagedJaxFunction(lambda x: (x,), name="plain")
+
+
+def test_xla_staging_needs_no_torchax(xla_device):
+    code = textwrap.dedent(
+        """
+        import sys, os
+        sys.path.insert(0, os.getcwd())
+        sys.modules["torchax"] = None  # any import of torchax now fails
+        import torch, torch_xla, bridge
+        import jax.numpy as jnp
+        x = torch.arange(4.0, device=torch_xla.device())
+        print("result", bridge.call_jax(lambda a: jnp.cumsum(a), x).cpu().tolist())
+        """
+    )
+    env = dict(os.environ, PJRT_DEVICE=os.environ.get("PJRT_DEVICE", "CPU"))
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "result [0.0, 1.0, 3.0, 6.0]" in run.stdout
+
+
 # --------------------------------------------------------------------------- import guard
 
 SPY = textwrap.dedent(

@@ -137,6 +137,25 @@ def test_fallbacks_accept_any_head_dim_and_sources_that_overlap():
         run_and_compare(impl, new, idx, cache, total, 16)
 
 
+@pytest.mark.parametrize(
+    "cols",
+    [
+        [[0, 16, 40], [0, 1, 5], [3, 3, 2]],  # tokens 1, 2 read twice; 8 rows <= 10 tokens
+        [[40, 0, 16], [4, 4, 4], [5, 5, 5]],  # three slices read the same 5 tokens
+        [[0, 20], [9, 9], [1, 1]],  # the last token read twice
+    ],
+)
+def test_scatter_fallback_redoes_rows_whose_source_another_slice_reads(cols):
+    # Fewer rows than tokens, so only the lost-row check sends them to the second pass.
+    rng = np.random.default_rng(2)
+    cache = sentinel_cache(4 * 16, 3, 8, "float32")
+    new = random_tokens(rng, 10, 3, 8, "float32")
+    idx = np.array(cols, np.int32)
+    total = np.array([idx.shape[1]], np.int32)
+    for impl in ("auto", "scatter"):
+        run_and_compare(impl, new, idx, cache, total, 16)
+
+
 def test_kernel_rejects_unaligned_head_dim_and_auto_falls_back():
     cache = jnp.zeros((32, 2, 64), jnp.float32)
     new = jnp.ones((4, 2, 64), jnp.float32)

@@ -2,9 +2,9 @@
 
 * :func:`kv_cache_update_jax` — EasyDeL's ``lax.scan`` fallback, kept for its
   contract, with its end-of-cache bug fixed (see ``_scan_update_one_slice``).
-* :func:`kv_cache_update_scatter` — the fast fallback: one gather and one
-  scatter of exactly the rows the slices name. ``kv_cache_update`` uses it
-  everywhere but TPU.
+* :func:`kv_cache_update_scatter` — the fast fallback: one scatter of exactly
+  the rows the slices name (plus a gather when sources overlap).
+  ``kv_cache_update`` uses it everywhere but TPU.
 
 Both take the same arguments as the kernel and return a new cache; under
 ``jax.jit(..., donate_argnums=...)`` XLA updates the donated cache in place.
@@ -121,16 +121,30 @@ def _kv_cache_update_scatter(new_kv_tokens, slice_indices, kv_cache_pages, total
     num_valid = _num_valid_slices(total_update_slices, num_slices)
     lengths = jnp.where(jnp.arange(num_slices) < num_valid, idx[2], 0)  # i32[S]
     total_rows = jnp.sum(lengths)  # i32[]
-    # The valid rows, packed, in chunks of num_tokens rows: when sources do not
-    # overlap they number at most num_tokens, so one chunk does it. A loop (not
-    # a lax.cond) keeps the cache update in place under donation.
 
+    # Pass 1: send every token row to the cache row that names it, scattering
+    # straight from new_kv_tokens (no gather of the sources: measured 3x
+    # faster for a decode step on XLA:CPU). It covers the first num_tokens
+    # packed rows, which is all of them unless sources overlap.
+    dst, src = _packed_rows(idx, lengths, 0, num_tokens, num_rows)  # i32[T] each
+    live = jnp.arange(num_tokens, dtype=jnp.int32) < total_rows  # i32[T]
+    src = jnp.where(live, src, num_tokens)
+    dst_of_token = jnp.full((num_tokens,), num_rows, jnp.int32).at[src].set(dst, mode="drop")  # i32[T]
+    # A token row two slices read keeps one destination; the others are redone below.
+    lost = live & (dst_of_token[jnp.minimum(src, num_tokens - 1)] != dst)  # bool[T]
+    cache = kv_cache_pages.at[dst_of_token].set(new_kv_tokens, mode="drop")
+
+    # Pass 2, only when sources overlap (a loop that runs zero times otherwise;
+    # a lax.cond would make XLA copy the cache): every packed row, gathered,
+    # num_tokens rows at a time. Rows pass 1 wrote are written again with the
+    # same values.
     def chunk(c, cache):
         dst, src = _packed_rows(idx, lengths, c * num_tokens, num_tokens, num_rows)
         # dst == num_rows marks padding rows: mode="drop" skips them.
         return cache.at[dst].set(new_kv_tokens[src], mode="drop")
 
-    return jax.lax.fori_loop(0, cdiv(total_rows, num_tokens), chunk, kv_cache_pages)
+    redo = (total_rows > num_tokens) | jnp.any(lost)
+    return jax.lax.fori_loop(0, jnp.where(redo, cdiv(total_rows, num_tokens), 0), chunk, cache)
 
 
 def kv_cache_update_scatter(
@@ -141,12 +155,13 @@ def kv_cache_update_scatter(
     *,
     page_size: int = 32,
 ):
-    """The fast fallback: gather the named token rows, scatter them into the cache.
+    """The fast fallback: scatter the token rows into the cache rows that name them.
 
     Same contract as :func:`jax_kernels.kv_cache_update`. It moves only the
-    rows the valid slices name, packed ``num_tokens`` rows at a time (one pass
-    unless sources overlap), so its cost does not depend on the cache size
-    when the cache is donated.
+    rows the valid slices name: one scatter straight from ``new_kv_tokens``
+    when no token row is read by two slices (block-table layouts), else a
+    gather and scatter of the packed rows, ``num_tokens`` at a time. Its cost
+    does not depend on the cache size when the cache is donated.
     """
     static_validate_inputs(
         new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices, page_size=page_size
