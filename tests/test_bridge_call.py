@@ -307,6 +307,21 @@ def test_staged_function_lowers_once_per_signature(xla_device):
     assert staged.num_lowered == 3 and len(traces) == 3
 
 
+def test_staged_function_without_the_internals_goes_through_torch_xla_call_jax(xla_device, monkeypatch):
+    import torch_xla.core.xla_builder as xb
+    from bridge.xla_staging import StagedJaxFunction
+
+    pytest.importorskip("torchax", reason="torch_xla's call_jax needs torchax")
+    calls = []
+    real = xb.call_jax
+    monkeypatch.setattr(xb, "call_jax", lambda fn, args, *a, **k: calls.append(1) or real(fn, args, *a, **k))
+    staged = StagedJaxFunction(lambda x, y: (x - y,))
+    staged._direct = False  # as on a torch_xla without _xla_user_computation
+    (out,) = staged(torch.full((3,), 5.0, device=xla_device), torch.ones(3, device=xla_device))
+    assert calls == [1] and staged.num_lowered == 0
+    assert out.cpu().tolist() == [4.0, 4.0, 4.0]
+
+
 def test_staged_function_name_must_be_namespaced(xla_device):
     from bridge.xla_staging import StagedJaxFunction
 

@@ -106,13 +106,16 @@ def _update_by_copy(new_kv_tokens, slice_indices, kv_cache, total_update_slices,
     # XLA with XLA_DISABLE_FUNCTIONALIZATION=1, and every device under
     # functionalization: the functional op, then copy_ into the cache. The
     # intermediate dies here, so on XLA the synced graph aliases the cache.
-    kv_cache.copy_(
-        torch.ops.paged_kv.kv_cache_update_functional(
+    # This kernel runs below the Autograd key (whose kernel has checked
+    # requires_grad already), so the functional op is called below it too.
+    with torch._C._AutoDispatchBelowAutograd():
+        updated = _FUNCTIONAL(
             new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size, slices_per_processing_page, impl
         )
-    )
+    kv_cache.copy_(updated)
 
 
+_FUNCTIONAL = torch.ops.paged_kv.kv_cache_update_functional.default
 _lib.impl("kv_cache_update_functional", _functional_xla, "XLA")
 _lib.impl("kv_cache_update", _update_by_copy, "XLA")
 _lib.impl("kv_cache_update", _update_by_copy, "Functionalize")
