@@ -138,10 +138,9 @@ def validate_static(
 def host_columns(slice_indices: torch.Tensor, total_update_slices: torch.Tensor) -> np.ndarray:
     """The valid slice columns ``slice_indices[:, :total]`` as numpy
     ``i64[3, total]`` (a device→host copy off CPU), ``total`` range-checked."""
-    idx = slice_indices.detach()
-    if idx.device.type != "cpu":
-        idx = idx.cpu()
-    return jk_validation.slice_columns(idx.numpy(), total_update_slices.detach().item())
+    # Both are integer tensors (checked by validate_static), which never require grad.
+    idx = slice_indices if slice_indices.device.type == "cpu" else slice_indices.cpu()
+    return jk_validation.slice_columns(idx.numpy(), total_update_slices.item())
 
 
 def validate_data(new_kv_tokens, cols: np.ndarray, flat: torch.Tensor, *, page_size: int) -> None:
