@@ -25,9 +25,12 @@ correctness check is that call), one calibration call, then ``--repeats``
 (>= 5) timed samples, each the mean of enough back-to-back steps to last
 ``--min-time``; every step ends with a barrier that waits for the work
 (``block_until_ready`` / ``sync`` + ``wait_device_ops``; eager CPU torch is
-synchronous). Reported: the median sample. A set of samples spreading more
-than 1.5x is taken again (up to 3 times while cheap; the steadiest set is
-kept). A path slower than ``--max-call-s`` per call is timed once, and a path
+synchronous). The paths of one sweep point and backend are sampled in turns
+(sample 1 of each, then sample 2 of each, ...), so load from outside falls on
+them alike and the ratios between them stay fair; a path whose single call
+lasts over 10 samples is sampled on its own. Reported: the median sample. A
+set of samples spreading more than 1.5x is taken again (up to 3 times while
+cheap; the steadiest set is kept). A path slower than ``--max-call-s`` per call is timed once, and a path
 whose time grows with the cache is not run where it would exceed that budget
 (the table says so). Before its first timing, every path is run once on a
 zeroed cache and compared bitwise with ``jax_kernels.kv_cache_update_reference``
@@ -88,6 +91,7 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 SLICES_PER_PROCESSING_PAGE = 8
 NOISY = 1.5  # max/min of a path's samples above which they are taken again
+SOLO_CALLS = 10  # a path whose one call lasts over this many --min-time samples is sampled alone
 
 FULL = dict(sizes=[16, 64, 256, 1024], shapes=list(SHAPES), dtypes=["float32", "bfloat16"], page_sizes=[16, 32],
             repeats=5, min_time=0.02, max_call_s=2.0, interpret_max_slices=64)
@@ -115,51 +119,83 @@ def log(msg: str) -> None:
 
 def measure(step, *, repeats: int, min_time: float, max_call: float = math.inf, warmup: int = 1,
             max_attempts: int = 3) -> dict:
-    """Time ``step`` (which must include its own barrier): ``median_s``, ``samples_s``, ...
+    """Time ``step`` alone: :func:`measure_interleaved` with one path."""
+    return measure_interleaved({"step": (step, max_call, warmup)}, repeats=repeats, min_time=min_time,
+                               max_attempts=max_attempts)["step"]
 
-    ``warmup`` untimed calls (the first compiles), one calibration call, then
-    ``repeats`` samples, each averaging ``number`` back-to-back steps so a
-    sample lasts about ``min_time``. The garbage collector is off while timing.
-    A calibration call slower than ``max_call`` seconds is reported alone
-    (``over_budget``: one call, not ``repeats`` samples; with ``warmup=0`` that
-    call includes compiling, ``with_compile``).
+
+def measure_interleaved(steps: dict, *, repeats: int, min_time: float, max_attempts: int = 3) -> dict:
+    """Time several paths side by side: ``{name: (step, max_call, warmup)}`` →
+    ``{name: {median_s, samples_s, ...}}``. Each ``step`` must include its own barrier.
+
+    Per path: ``warmup`` untimed calls (the first compiles), one calibration
+    call, and ``number`` back-to-back steps per sample so a sample lasts about
+    ``min_time``. A calibration call slower than ``max_call`` seconds is
+    reported alone (``over_budget``: one call, not ``repeats`` samples; with
+    ``warmup=0`` that call includes compiling, ``with_compile``). The other
+    paths are then sampled **in turns** — sample 1 of every path, then sample 2
+    of every path... — so a burst of outside load (other processes on a
+    2-core machine) falls on all of them alike and their ratios stay fair;
+    a path whose one call lasts over ``SOLO_CALLS`` samples is sampled on its
+    own. A set whose samples spread more than ``NOISY`` (max/min) for some
+    path is taken again, up to ``max_attempts`` times while that stays cheap;
+    the set whose worst spread is smallest is kept. The garbage collector is
+    off while timing.
     """
-    t0 = time.perf_counter()
-    for _ in range(warmup):
+    out, timed = {}, {}
+    for name, (step, max_call, warmup) in steps.items():
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            step()
+        warm = time.perf_counter() - t0
+        t0 = time.perf_counter()
         step()
-    warm = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    step()
-    single = time.perf_counter() - t0
-    if single > max_call:
-        return dict(median_s=single, samples_s=[single], number=1, warmup_s=warm, over_budget=True, attempts=1,
-                    with_compile=warmup == 0)
-    number = 1 if single >= min_time else min(10_000, math.ceil(min_time / max(single, 1e-7)))
+        single = time.perf_counter() - t0
+        if single > max_call:
+            out[name] = dict(median_s=single, samples_s=[single], number=1, warmup_s=warm, over_budget=True,
+                             attempts=1, with_compile=warmup == 0)
+            continue
+        number = 1 if single >= min_time else min(10_000, math.ceil(min_time / max(single, 1e-7)))
+        timed[name] = (step, number, warm, single)
+    # Slow paths (a call over SOLO_CALLS samples' worth) are sampled on their own:
+    # in turns they would stretch every round, and a burst of load is small next to them.
+    solo = [name for name, (_, _, _, single) in timed.items() if single > SOLO_CALLS * min_time]
+    groups = [{n: v for n, v in timed.items() if n not in solo}] + [{n: timed[n]} for n in solo]
+    for group in groups:
+        if not group:
+            continue
+        samples, attempts = _sample_in_turns(group, repeats=repeats, max_attempts=max_attempts)
+        for name, (_, number, warm, _) in group.items():
+            out[name] = dict(median_s=statistics.median(samples[name]), samples_s=samples[name], number=number,
+                             warmup_s=warm, over_budget=False, attempts=attempts, with_compile=False)
+    return {name: out[name] for name in steps}
+
+
+def _sample_in_turns(group: dict, *, repeats: int, max_attempts: int):
+    """``repeats`` samples of every path in ``group`` (``{name: (step, number,
+    warm, single)}``), in turns; retaken while some path's samples spread more
+    than ``NOISY``. Returns ``({name: samples}, attempts)``."""
     best, attempts = None, 0
     gc.disable()  # (no gc.collect() here: with JAX and torch loaded it takes ~0.25 s)
     try:
-        # A burst of outside load (other processes on a 2-core machine) can stall a
-        # few samples; a noisy set (max/min > NOISY) is taken again, up to
-        # max_attempts times while that stays cheap, and the steadiest set is kept.
         while True:
             attempts += 1
-            samples = []
+            samples = {name: [] for name in group}
             t_start = time.perf_counter()
             for _ in range(repeats):
-                t0 = time.perf_counter()
-                for _ in range(number):
-                    step()
-                samples.append((time.perf_counter() - t0) / number)
-            spread = max(samples) / min(samples)
+                for name, (step, number, _, _) in group.items():
+                    t0 = time.perf_counter()
+                    for _ in range(number):
+                        step()
+                    samples[name].append((time.perf_counter() - t0) / number)
+            spread = max(max(v) / min(v) for v in samples.values())
             if best is None or spread < best[0]:
                 best = (spread, samples)
-            if spread <= NOISY or attempts >= max_attempts or time.perf_counter() - t_start > 1.0:
+            if spread <= NOISY or attempts >= max_attempts or time.perf_counter() - t_start > 1.0 * len(group):
                 break
     finally:
         gc.enable()
-    samples = best[1]
-    return dict(median_s=statistics.median(samples), samples_s=samples, number=number, warmup_s=warm,
-                over_budget=False, attempts=attempts, with_compile=False)
+    return best[1], attempts
 
 
 # ---------------------------------------------------------------- helpers
@@ -228,8 +264,27 @@ class Runner:
 
     # ---- one path at one point
 
-    def run_path(self, backend, w, dtype, size, path, step, check=None):
-        """Check ``path`` once (if not yet checked for this config), then time it."""
+    def run_paths(self, backend, w, dtype, size, paths: dict) -> None:
+        """Check every path of ``paths`` (``{path: (step, check)}``) once per
+        config, then time those still in the running side by side
+        (:func:`measure_interleaved`)."""
+        steps = {}
+        for path, (step, check) in paths.items():
+            plan = self._plan_path(backend, w, dtype, size, path, check)
+            if plan is not None:
+                once, checked_now = plan
+                steps[path] = (step, 0.0 if once else self.cfg.max_call_s, 0 if once or checked_now else 1)
+        try:
+            results = measure_interleaved(steps, repeats=self.cfg.repeats, min_time=self.cfg.min_time)
+        except Exception as e:  # noqa: BLE001 — a path that raises is reported, not fatal
+            log(f"  {backend} {w.batch.shape} {dtype}: timing raised {type(e).__name__}: {e}")
+            return
+        for path, m in results.items():
+            self._record(backend, w, dtype, size, path, m)
+
+    def _plan_path(self, backend, w, dtype, size, path, check):
+        """Check ``path`` (if not yet checked for this config); ``None`` if it
+        is not to be timed here, else ``(once, checked_now)``."""
         key = (backend, w.batch.shape, dtype, w.batch.page_size, path)
         checked_now = key not in self.checks  # the check call compiles: it is this size's warm-up
         if checked_now:
@@ -245,7 +300,7 @@ class Runner:
             if not ok:
                 log(f"  CHECK FAILED {backend} {path} {w.batch.shape} {dtype} ps={w.batch.page_size}: {why}")
         if not self.checks[key]["ok"]:
-            return
+            return None
         once = False  # time a single call (compile included): the path is over budget already
         if key in self.last_time:
             (s0, t0), (s1, t1) = self.first_time[key], self.last_time[key]
@@ -262,14 +317,12 @@ class Runner:
                 self.skipped.append(dict(backend=backend, shape=w.batch.shape, dtype=dtype,
                                          page_size=w.batch.page_size, path=path, size_mib=size, why=why))
                 log(f"  {backend:3} {w.batch.shape:7} ps={w.batch.page_size:<2} {path:22} skipped: {why}")
-                return
+                return None
             once = t1 > budget
-        try:
-            m = measure(step, repeats=self.cfg.repeats, min_time=self.cfg.min_time,
-                        max_call=0.0 if once else self.cfg.max_call_s, warmup=0 if once or checked_now else 1)
-        except Exception as e:  # noqa: BLE001
-            log(f"  {backend} {path}: timing raised {type(e).__name__}: {e}")
-            return
+        return once, checked_now
+
+    def _record(self, backend, w, dtype, size, path, m) -> None:
+        key = (backend, w.batch.shape, dtype, w.batch.page_size, path)
         self.records.append(dict(
             backend=backend, shape=w.batch.shape, dtype=dtype, page_size=w.batch.page_size, size_mib=size,
             num_rows=w.num_rows, path=path, **m,
@@ -315,8 +368,9 @@ class Runner:
                         new, idx, cache, total, ps, SLICES_PER_PROCESSING_PAGE, impl),
                     None,
                 )
-            for path, (step, check) in paths.items():
-                self.run_path("cpu", w, dtype, size, path, step, check or (lambda step=step: check_cache(step)))
+            self.run_paths("cpu", w, dtype, size, {
+                path: (step, check or (lambda step=step: check_cache(step))) for path, (step, check) in paths.items()
+            })
         del cache
         gc.collect()
 
@@ -328,6 +382,7 @@ class Runner:
         for ps, shape, w in self.points(dtype, size):
             new = jnp.asarray(w.new_tokens)
             idx, total = jnp.asarray(w.slice_indices), jnp.asarray(w.total)
+            paths = {}
             for path, make in JAX_PATHS.items():
                 fn = fns.setdefault((path, ps), make(ps))
 
@@ -336,13 +391,18 @@ class Runner:
                     state[0].block_until_ready()
 
                 def check(fn=fn, new=new, idx=idx, total=total, w=w):
-                    state[0] = None
-                    state[0] = fn(new, idx, jnp.zeros((rows, HEADS, HEAD_DIM), jdt), total)
+                    state[0] = None  # freed before the zeroed cache is made: caches reach 1 GiB
+                    try:
+                        state[0] = fn(new, idx, jnp.zeros((rows, HEADS, HEAD_DIM), jdt), total)
+                    finally:
+                        if state[0] is None:  # the check raised: the next paths need a cache
+                            state[0] = jnp.zeros((rows, HEADS, HEAD_DIM), jdt).block_until_ready()
                     return np.array_equal(bits(np.asarray(state[0])), self.expected(w, dtype)), "reference"
 
-                self.run_path("cpu", w, dtype, size, path, step, check)
-                if state[0] is None or state[0].is_deleted():  # a failed check or call
-                    state[0] = jnp.zeros((rows, HEADS, HEAD_DIM), jdt).block_until_ready()
+                paths[path] = (step, check)
+            self.run_paths("cpu", w, dtype, size, paths)
+            if state[0].is_deleted():  # a call that raised after donating the cache
+                state[0] = jnp.zeros((rows, HEADS, HEAD_DIM), jdt).block_until_ready()
         del state, fns
         gc.collect()
 
@@ -379,12 +439,14 @@ class Runner:
                     lambda impl=impl, new=new, idx=idx, total=total, ps=ps: torch.ops.paged_kv.kv_cache_update(
                         new, idx, cache, total, ps, SLICES_PER_PROCESSING_PAGE, impl)
                 )
+            steps = {}
             for path, call in paths.items():
                 def step(call=call):
                     call()
                     barrier()
 
-                self.run_path("xla", w, dtype, size, path, step, lambda step=step: check_cache(step))
+                steps[path] = (step, lambda step=step: check_cache(step))
+            self.run_paths("xla", w, dtype, size, steps)
         del cache
         gc.collect()
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -181,3 +183,34 @@ def test_measure_times_a_slow_path_once():
     calls.clear()
     m = measure(lambda: calls.append(1), repeats=5, min_time=0.0, max_call=-1.0)
     assert m["over_budget"] and m["samples_s"] == [m["median_s"]] and len(calls) == 2
+
+
+def test_paths_of_a_point_are_sampled_in_turns_and_slow_ones_alone():
+    import itertools
+
+    from benchmarks.bench_update import measure_interleaved
+
+    log = []
+
+    def slow():
+        log.append("slow")
+        time.sleep(0.02)
+
+    steps = {
+        "a": (lambda: log.append("a"), math.inf, 1),
+        "b": (lambda: log.append("b"), math.inf, 1),
+        "slow": (slow, math.inf, 0),
+        "over": (lambda: (log.append("over"), time.sleep(0.01)), 0.001, 0),  # over max_call: one call
+    }
+    out = measure_interleaved(steps, repeats=5, min_time=0.001)
+    assert list(out) == list(steps)
+    assert out["over"]["over_budget"] and out["over"]["samples_s"] == [out["over"]["median_s"]]
+    assert all(len(out[n]["samples_s"]) == 5 for n in ("a", "b", "slow"))
+    assert out["slow"]["number"] == 1 and out["slow"]["median_s"] >= 0.02
+    runs = [name for name, _ in itertools.groupby(log)]
+    # warm-up + calibration per path, then a and b alternate sample by sample, then the slow path alone
+    assert runs[:4] == ["a", "b", "slow", "over"]
+    timed = runs[4:]
+    attempts = out["a"]["attempts"]
+    assert timed[: 10 * attempts] == ["a", "b"] * 5 * attempts
+    assert timed[10 * attempts:] == ["slow"]
