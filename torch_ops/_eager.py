@@ -7,7 +7,6 @@ import functools
 
 import bridge  # first: PyTorch/XLA's JAX import guard  # isort: skip
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -159,9 +158,9 @@ def staged_update(
     run = functools.partial(
         jitted_update(impl, page_size, slices_per_processing_page),
         bridge.to_jax(new_kv_tokens.view(bits_dtype)),
-        jnp.asarray(staged_idx),
+        staged_idx,  # numpy: jit's C++ path transfers it (measured ~100 µs less than jnp.asarray on jax 0.7.1)
         bridge.to_jax(staging),
-        jnp.asarray(staged_total),
+        staged_total,
     )
     if impl == "pallas_interpret":
         with INTERPRETER_LOCK:  # the TPU interpreter is not thread-safe
