@@ -69,3 +69,27 @@ def test_dynamic_validation_is_public_and_accepts_padding_garbage():
     c = valid_call()
     c["slice_indices"][:, 3] = [-5, 10**6, 99]  # beyond the total: never read
     jk.dynamic_validate_inputs(c["new_kv_tokens"], c["slice_indices"], c["kv_cache"], c["total_update_slices"], page_size=16)
+
+
+@pytest.mark.parametrize(
+    "cols, error",
+    [
+        # max(dst) + max(len) passes the end, yet every slice fits: the exact ends decide.
+        ([[63, 0], [0, 1], [1, 16]], None),
+        ([[0, 48], [16, 0], [16, 16]], None),  # ends exactly at the last row and token
+        ([[63, 0], [0, 1], [2, 16]], r"slice_indices\[:, 0\].*destination rows \[63, 65\) fall outside"),
+        ([[0, 20], [31, 0], [2, 16]], r"slice_indices\[:, 0\].*source rows \[31, 33\) fall outside"),
+        ([[8, 8], [0, 4], [4, 4]], r"slice_indices\[:, 0\] and slice_indices\[:, 1\] write overlapping"),
+        ([[8, 0, 10], [0, 4, 8], [4, 0, 3]], r"slice_indices\[:, 0\] and slice_indices\[:, 2\] write overlapping"),  # the empty slice 1 is skipped
+    ],
+)
+def test_slice_checks_near_the_ends_and_overlaps(cols, error):
+    new = np.zeros((32, 2, 8), np.float32)  # 32 tokens
+    cache = np.zeros((64, 2, 8), np.float32)  # 64 rows
+    idx = np.array(cols, np.int32)
+    total = np.array([idx.shape[1]], np.int32)
+    if error is None:
+        jk.dynamic_validate_inputs(new, idx, cache, total, page_size=16)
+    else:
+        with pytest.raises(ValueError, match=error):
+            jk.dynamic_validate_inputs(new, idx, cache, total, page_size=16)

@@ -352,3 +352,28 @@ def test_row_copies_move_every_bit_pattern(flush_denormal):
         torch.set_flush_denormal(False)
     assert _eager.as_rows(cache).dtype in (torch.complex128, torch.float64)  # the fast path ran
     np.testing.assert_array_equal(cache[torch.from_numpy(dst)].view(torch.int16).numpy(), new.view(torch.int16).numpy())
+
+
+@pytest.mark.parametrize(
+    "heads, head_dim, offset, word_dtype, word_shape",
+    [
+        (2, 128, 0, torch.complex128, (2, 16)),  # each head fills whole 16-byte words: one view
+        (2, 4, 0, torch.complex128, (1,)),  # 8 bytes a head, 16 a row: words span the heads
+        (2, 2, 0, torch.float64, (1,)),  # 8 bytes a row
+        (3, 1, 0, torch.bfloat16, (3, 1)),  # 6 bytes a row: no word fits, copied as itself
+        (2, 128, 1, torch.bfloat16, (2, 128)),  # storage offset not a whole word
+    ],
+)
+def test_row_words_follow_the_layout_and_copies_stay_exact(heads, head_dim, offset, word_dtype, word_shape):
+    rows = 64
+    base = torch.zeros(rows * heads * head_dim + offset, dtype=torch.bfloat16)
+    cache = base[offset:].view(rows, heads, head_dim)
+    words = _eager.as_rows(cache)
+    assert words.dtype == word_dtype and tuple(words.shape) == (rows, *word_shape)
+    assert words.data_ptr() == cache.data_ptr()  # a view, never a copy
+    new = torch.randn(8, heads, head_dim).to(torch.bfloat16)
+    dst = np.array([5, 0, 63, 17, 2, 40, 41, 9])
+    expected = cache.clone()
+    expected[torch.from_numpy(dst)] = new
+    _eager.copy_rows_(cache, dst, new)
+    assert torch.equal(cache.view(torch.int16), expected.view(torch.int16))

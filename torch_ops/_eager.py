@@ -27,23 +27,33 @@ def as_copyable(t: torch.Tensor) -> torch.Tensor:
     return t.view(_BITS[t.element_size()]) if t.dtype in _COPY_AS_BITS else t
 
 
+_WORDS = (torch.complex128, torch.float64)  # 16- and 8-byte words
+
+
 def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """``[N, H, D]`` → ``[N, row_bytes / w]`` view (no copy) with ``w``-byte
-    elements — complex128 (16 bytes) or float64 (8) — when each row is
-    contiguous and aligned to ``w``, else :func:`as_copyable`.
+    """``[N, H, D]`` as a view (no copy) of 16-byte words (complex128) or
+    8-byte words (float64), first dimension kept: ``[N, H, D * itemsize / w]``
+    when each head's ``D`` elements fill whole words (one view, ~1 µs), else
+    ``[N, H * D * itemsize / w]`` when the heads of a row are contiguous and
+    fill whole words together; failing both (or unaligned), :func:`as_copyable`.
 
     ``index_copy_`` then moves 16- or 8-byte words: measured 2-3x faster than
     the native bfloat16 kernel and up to 2x faster for float32. It only moves
     them — no arithmetic — so the bits, NaN payloads and denormals included,
     arrive unchanged (a test copies every bfloat16 bit pattern this way)."""
-    if t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == t.shape[2]:
-        row_bytes = t.shape[1] * t.shape[2] * t.element_size()
-        for wide in (torch.complex128, torch.float64):
-            if row_bytes % wide.itemsize == 0:
-                try:
-                    return t.view(t.shape[0], -1).view(wide)
-                except RuntimeError:  # not aligned, or rows not evenly strided
-                    continue
+    if t.dim() == 3 and t.stride(2) == 1:
+        itemsize = t.element_size()
+        for word in _WORDS:
+            if t.shape[2] * itemsize % word.itemsize == 0:
+                shaped = t
+            elif t.stride(1) == t.shape[2] and t.shape[1] * t.shape[2] * itemsize % word.itemsize == 0:
+                shaped = t.view(t.shape[0], -1)
+            else:
+                continue
+            try:
+                return shaped.view(word)
+            except RuntimeError:  # storage offset or a stride not a whole number of words
+                continue
     return as_copyable(t)
 
 

@@ -179,12 +179,16 @@ def check_slice_columns(cols: np.ndarray, *, num_tokens: int, num_rows: int, pag
     if total == 0:
         return
     dst, src, length = cols  # i64[total] each
-    ends = cols[:2] + length  # i64[2, total]: end of the destination and of the source rows
     dst_min, src_min, len_min = cols.min(axis=1).tolist()
-    len_max = int(length.max())
-    dst_end_max, src_end_max = ends.max(axis=1).tolist()
-    if min(dst_min, src_min, len_min) < 0 or len_max > page_size or dst_end_max > num_rows or src_end_max > num_tokens:
-        _raise_bad_slice(cols, ends, num_tokens=num_tokens, num_rows=num_rows, page_size=page_size)
+    dst_max, src_max, len_max = cols.max(axis=1).tolist()
+    bad = min(dst_min, src_min, len_min) < 0 or len_max > page_size
+    if not bad and (dst_max + len_max > num_rows or src_max + len_max > num_tokens):
+        # max(dst) + max(len) in bounds proves every dst + len is; when it is
+        # not, the exact ends decide.
+        ends = cols[:2] + length  # i64[2, total]
+        bad = ends[0].max() > num_rows or ends[1].max() > num_tokens
+    if bad:
+        _raise_bad_slice(cols, cols[:2] + length, num_tokens=num_tokens, num_rows=num_rows, page_size=page_size)
     if total < 2 or len_max == 0:
         return
     if len_min == len_max:  # every slice the same length (decode: 1): sorting the destinations suffices
@@ -196,9 +200,9 @@ def check_slice_columns(cols: np.ndarray, *, num_tokens: int, num_rows: int, pag
         order = np.argsort(dst if live is None else dst[live], kind="stable")
         if live is not None:
             order = live[order]
-        if (dst[order[1:]] >= ends[0, order[:-1]]).all():
+        if (dst[order[1:]] >= (dst + length)[order[:-1]]).all():
             return
-    _raise_overlap(dst, ends[0], length)
+    _raise_overlap(dst, dst + length, length)
 
 
 def _raise_bad_slice(cols, ends, *, num_tokens: int, num_rows: int, page_size: int):
