@@ -377,3 +377,22 @@ def test_row_words_follow_the_layout_and_copies_stay_exact(heads, head_dim, offs
     expected[torch.from_numpy(dst)] = new
     _eager.copy_rows_(cache, dst, new)
     assert torch.equal(cache.view(torch.int16), expected.view(torch.int16))
+
+
+@pytest.mark.parametrize("device", ["cpu", "xla"])
+@pytest.mark.parametrize("op_name", ["kv_cache_update", "kv_cache_update_functional"])
+@pytest.mark.parametrize("grad_input", ["kv_cache", "new_kv_tokens"])
+def test_inputs_that_require_grad_are_refused_and_the_cache_kept(device, op_name, grad_input, request):
+    if device == "xla":
+        device = request.getfixturevalue("xla_device")  # skips without torch_xla
+    op = getattr(torch.ops.paged_kv, op_name)
+    cache = torch.zeros(32, 2, 128, device=device)
+    new = torch.ones(4, 2, 128, device=device)
+    {"kv_cache": cache, "new_kv_tokens": new}[grad_input].requires_grad_()
+    idx = torch.tensor([[0], [0], [4]], dtype=torch.int32, device=device)
+    total = torch.tensor([1], dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match=f"paged_kv::{op_name} is not differentiable"):
+        op(new, idx, cache, total, 16, 8, "auto")
+    assert not cache.detach().cpu().any()
+    with torch.no_grad():  # the documented way out
+        op(new, idx, cache, total, 16, 8, "auto")
