@@ -127,7 +127,7 @@ def _kv_cache_update_scatter(new_kv_tokens, slice_indices, kv_cache_pages, total
     # faster for a decode step on XLA:CPU). It covers the first num_tokens
     # packed rows, which is all of them unless sources overlap.
     dst, src = _packed_rows(idx, lengths, 0, num_tokens, num_rows)  # i32[T] each
-    live = jnp.arange(num_tokens, dtype=jnp.int32) < total_rows  # i32[T]
+    live = jnp.arange(num_tokens, dtype=jnp.int32) < total_rows  # bool[T]
     src = jnp.where(live, src, num_tokens)
     dst_of_token = jnp.full((num_tokens,), num_rows, jnp.int32).at[src].set(dst, mode="drop")  # i32[T]
     # A token row two slices read keeps one destination; the others are redone below.
