@@ -243,22 +243,25 @@ def test_opcheck(op_name, impl):
         assert set(results) == set(checks) and all(v == "SUCCESS" for v in results.values()), results
 
 
-def test_torch_compile_fullgraph():
-    class Layer(torch.nn.Module):
-        def forward(self, new, idx, cache, total):
-            torch.ops.paged_kv.kv_cache_update(new * 2, idx, cache, total, PAGE_SIZE, 8, "auto")
-            return cache.sum(dim=(1, 2))
+class _UpdateThenSum(torch.nn.Module):
+    """A layer that updates its cache through the op, then reads it (for torch.compile)."""
 
+    def forward(self, new, idx, cache, total):
+        torch.ops.paged_kv.kv_cache_update(new * 2, idx, cache, total, PAGE_SIZE, 8, "auto")
+        return cache.sum(dim=(1, 2))
+
+
+def test_torch_compile_fullgraph():
     new, idx, cache_np, total, _ = case(11, "float32", num_valid=4)
     cache_np = np.nan_to_num(cache_np)
     eager_cache = torch.from_numpy(cache_np.copy())
     compiled_cache = torch.from_numpy(cache_np.copy())
     args = (torch.from_numpy(new), torch.from_numpy(idx))
-    want = Layer()(*args, eager_cache, torch.from_numpy(total))
-    got = torch.compile(Layer(), fullgraph=True, backend="aot_eager")(*args, compiled_cache, torch.from_numpy(total))
+    want = _UpdateThenSum()(*args, eager_cache, torch.from_numpy(total))
+    got = torch.compile(_UpdateThenSum(), fullgraph=True, backend="aot_eager")(*args, compiled_cache, torch.from_numpy(total))
     torch.testing.assert_close(got, want)
     np.testing.assert_array_equal(compiled_cache.numpy(), eager_cache.numpy())
-    got = torch.compile(Layer(), fullgraph=True)(*args, torch.from_numpy(cache_np.copy()), torch.from_numpy(total))
+    got = torch.compile(_UpdateThenSum(), fullgraph=True)(*args, torch.from_numpy(cache_np.copy()), torch.from_numpy(total))
     torch.testing.assert_close(got, want)
 
 
@@ -317,15 +320,10 @@ def test_jax_kernels_validation_applies_to_the_op():
 def test_torch_compile_openxla_backend(xla_device):
     import torch_xla
 
-    class Layer(torch.nn.Module):
-        def forward(self, new, idx, cache, total):
-            torch.ops.paged_kv.kv_cache_update(new * 2, idx, cache, total, PAGE_SIZE, 8, "auto")
-            return cache.sum(dim=(1, 2))
-
     new, idx, cache_np, total, _ = case(15, "float32", num_valid=5)
     cache_np = np.zeros_like(cache_np)
     cache = torch.from_numpy(cache_np).to(xla_device)
-    step = torch.compile(Layer(), backend="openxla", fullgraph=True)
+    step = torch.compile(_UpdateThenSum(), backend="openxla", fullgraph=True)
     want = cache_np
     for _ in range(2):  # the second step runs on the first one's result
         out = step(torch.from_numpy(new).to(xla_device), torch.from_numpy(idx).to(xla_device), cache, torch.from_numpy(total).to(xla_device))

@@ -57,11 +57,15 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return as_copyable(t)
 
 
+def _index_on(rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``rows`` as an index tensor on ``device`` (shared with numpy on CPU)."""
+    index = torch.from_numpy(rows)
+    return index if device.type == "cpu" else index.to(device)
+
+
 def copy_rows_(flat: torch.Tensor, dst_rows: np.ndarray, rows: torch.Tensor) -> None:
     """``flat[dst_rows[i]] = rows[i]`` for every ``i``, with one ``index_copy_``."""
-    index = torch.from_numpy(dst_rows)
-    if flat.device.type != "cpu":
-        index = index.to(flat.device)
+    index = _index_on(dst_rows, flat.device)
     dst, src = as_rows(flat), as_rows(rows)
     if dst.dtype != src.dtype or dst.shape[1:] != src.shape[1:]:
         dst, src = as_copyable(flat), as_copyable(rows)
@@ -104,10 +108,7 @@ class RowPlan:
         if (src[1:] - src[:-1] == self.length[:-1]).all():
             return new_kv_tokens.narrow(0, int(src[0]), self.num_rows)
         src_rows = src if self._within is None else np.repeat(src, self.length) + self._within
-        index = torch.from_numpy(src_rows)
-        if new_kv_tokens.device.type != "cpu":
-            index = index.to(new_kv_tokens.device)
-        return new_kv_tokens.index_select(0, index)
+        return new_kv_tokens.index_select(0, _index_on(src_rows, new_kv_tokens.device))
 
 
 def update_rows_(new_kv_tokens: torch.Tensor, cols: np.ndarray, flat: torch.Tensor) -> None:
