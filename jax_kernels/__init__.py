@@ -14,6 +14,7 @@ from .kv_cache_update import (
     kv_cache_update_sharded,
     static_validate_inputs,
     tpu_kernel_problem,
+    update_compiler_options,
 )
 from .reference import kv_cache_update_reference, slice_indices_from_block_table_reference
 
@@ -27,6 +28,7 @@ __all__ = [
     "static_validate_inputs",
     "dynamic_validate_inputs",
     "tpu_kernel_problem",
+    "update_compiler_options",
     "slice_indices_from_block_table",
     "max_num_slices_bound",
     "kv_cache_update_reference",

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jax_kernels as jk
-from jax_kernels.testing import TEST_DTYPES, bits, random_slices, random_tokens, sentinel_cache
+from jax_kernels.testing import TEST_DTYPES, bits, np_dtype, random_slices, random_tokens, sentinel_cache
 
 HEADS, HEAD_DIM = 2, 128  # head_dim 128: the TPU kernel's lane rule holds
 NUM_PAGES, NUM_TOKENS, NUM_SLICES = 6, 48, 8  # one shape per (dtype, page_size): one compile each
@@ -230,6 +230,72 @@ def test_donated_cache_is_updated_in_place_on_cpu():
     out = fn(new, idx, cache, jnp.array([1], jnp.int32), page_size=16)
     assert out.unsafe_buffer_pointer() == ptr
     assert cache.is_deleted()
+
+
+UPDATE_FNS = {"auto": jk.kv_cache_update, "scatter": jk.kv_cache_update_scatter, "scan": jk.kv_cache_update_jax}
+
+
+def _update_step(impl, dtype, **options):
+    return jax.jit(
+        UPDATE_FNS[impl], donate_argnums=2, static_argnames=("page_size",),
+        compiler_options=options or None,
+    )
+
+
+@pytest.mark.parametrize("impl", list(UPDATE_FNS))
+@pytest.mark.parametrize("dtype", TEST_DTYPES + ("float8_e5m2",))
+def test_update_compiler_options_keep_donated_updates_exact_and_in_place(dtype, impl):
+    rng = np.random.default_rng(11)
+    page_size = 16
+    cache = sentinel_cache(NUM_PAGES * page_size, HEADS, HEAD_DIM, dtype)  # NaN payloads must survive
+    new = random_tokens(rng, NUM_TOKENS, HEADS, HEAD_DIM, dtype)
+    idx, total = random_slices(rng, num_rows=cache.shape[0], num_tokens=NUM_TOKENS, page_size=page_size, num_slices=NUM_SLICES)
+    options = jk.update_compiler_options(cache.dtype, impl=impl)
+    step = _update_step(impl, dtype, **options)
+    on_device = jnp.copy(jnp.asarray(cache))  # JAX-owned memory (a numpy-backed array is not donated)
+    ptr = on_device.unsafe_buffer_pointer()
+    out = step(jnp.asarray(new), jnp.asarray(idx), on_device, jnp.asarray(total), page_size=page_size)
+    assert out.unsafe_buffer_pointer() == ptr
+    np.testing.assert_array_equal(bits(out), bits(jk.kv_cache_update_reference(new, idx, cache, total)))
+
+
+@pytest.mark.parametrize("impl", list(UPDATE_FNS))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn", "float8_e5m2"])
+def test_update_compiler_options_stop_xla_cpu_converting_the_whole_cache(dtype, impl):
+    # XLA:CPU float-normalizes these types: without the options the compiled
+    # update converts the whole cache to f32 (or f16) and back, an O(cache) step.
+    rows = 4096
+    args = (
+        jax.ShapeDtypeStruct((NUM_TOKENS, HEADS, HEAD_DIM), np_dtype(dtype)),
+        jax.ShapeDtypeStruct((3, NUM_SLICES), jnp.int32),
+        jax.ShapeDtypeStruct((rows, HEADS, HEAD_DIM), np_dtype(dtype)),
+        jax.ShapeDtypeStruct((1,), jnp.int32),
+    )
+    options = jk.update_compiler_options(np_dtype(dtype), impl=impl)
+    xla_type = options["xla_disable_hlo_passes"].removeprefix("float-normalization-")
+
+    def whole_cache_types(**opts):
+        text = _update_step(impl, dtype, **opts).lower(*args, page_size=16).compile().as_text()
+        return set(re.findall(rf"(\w+)\[{rows},{HEADS},{HEAD_DIM}\]", text))
+
+    if whole_cache_types() == {xla_type}:
+        pytest.skip(f"this XLA:CPU ({jax.__version__}) updates {dtype} natively: nothing to fix")
+    assert whole_cache_types(**options) == {xla_type}
+
+
+def test_update_compiler_options_by_platform_dtype_and_impl():
+    assert jk.update_compiler_options(jnp.float32) == {}
+    assert jk.update_compiler_options(jnp.float16) == {}
+    assert jk.update_compiler_options(jnp.int8) == {}
+    assert jk.update_compiler_options(jnp.bfloat16) == {"xla_disable_hlo_passes": "float-normalization-bf16"}
+    assert jk.update_compiler_options(jnp.float8_e4m3fn)["xla_disable_hlo_passes"] == "float-normalization-f8e4m3fn"
+    for platform in ("tpu", "gpu", "cuda"):
+        assert jk.update_compiler_options(jnp.bfloat16, impl="scan", platform=platform) == {}
+    old_jaxlib = tuple(int(p) for p in re.match(r"(\d+)\.(\d+)", jax.lib.__version__).groups()) < (0, 8)
+    scan = jk.update_compiler_options(jnp.float32, impl="scan")
+    assert scan == ({"xla_cpu_use_fusion_emitters": False} if old_jaxlib else {})
+    with pytest.raises(ValueError, match="impl='kernel' is not one of"):
+        jk.update_compiler_options(jnp.float32, impl="kernel")
 
 
 def test_cdiv():

@@ -1,6 +1,7 @@
 """The paged KV cache update: Pallas TPU kernel, JAX fallbacks, validation."""
 
 from .api import kv_cache_update
+from .compiler_options import update_compiler_options
 from .fallbacks import kv_cache_update_jax, kv_cache_update_scatter
 from .kernel import kv_cache_update_pallas
 from .sharding import kv_cache_update_sharded
@@ -15,4 +16,5 @@ __all__ = [
     "static_validate_inputs",
     "dynamic_validate_inputs",
     "tpu_kernel_problem",
+    "update_compiler_options",
 ]
