@@ -4,7 +4,9 @@
 * ``paged_kv::kv_cache_update_functional`` returns a new cache.
 
 Kernels: CPU and CUDA (eager), XLA, one at the ``Autograd`` key (the update is
-not differentiable: it raises if an input requires grad), and one at the
+not differentiable: it raises if an input requires grad; for CPU and CUDA the
+eager kernels raise themselves and ``AutogradCPU``/``AutogradCUDA`` fall
+through, sparing a Python dispatch hop per call), and one at the
 ``Functionalize`` key: under functionalization (PyTorch/XLA's default mode,
 torch.compile) the mutating op runs as the functional op followed by
 ``kv_cache.copy_``, which XLA turns into an in-place update when the graph is
@@ -65,10 +67,16 @@ def _update_eager_(new_kv_tokens, flat, cols, num_slices, page_size, slices_per_
         )
 
 
+def _refuse_grad(op_name, new_kv_tokens, kv_cache):
+    if torch.is_grad_enabled() and (new_kv_tokens.requires_grad or kv_cache.requires_grad):
+        raise RuntimeError(f"paged_kv::{op_name} is not differentiable; detach its inputs or use torch.no_grad()")
+
+
 # ------------------------------------------------------------------- eager
 
 
 def _update_eager(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size=32, slices_per_processing_page=8, impl="auto"):
+    _refuse_grad("kv_cache_update", new_kv_tokens, kv_cache)  # AutogradCPU/CUDA fall through to here
     flat, cols = _prepare(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size, slices_per_processing_page, impl)
     _update_eager_(new_kv_tokens, flat, cols, slice_indices.shape[1], page_size, slices_per_processing_page, impl)
     torch.autograd.graph.increment_version(kv_cache)  # views and autograd see the mutation
@@ -76,6 +84,7 @@ def _update_eager(new_kv_tokens, slice_indices, kv_cache, total_update_slices, p
 
 def _functional_eager(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size=32, slices_per_processing_page=8, impl="auto"):
     """A copy of the cache, updated (O(cache) by nature)."""
+    _refuse_grad("kv_cache_update_functional", new_kv_tokens, kv_cache)
     flat, cols = _prepare(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size, slices_per_processing_page, impl)
     num_slices = slice_indices.shape[1]
     if impl == "pallas":  # fail before the O(cache) clone
@@ -126,8 +135,7 @@ _lib.impl("kv_cache_update", _update_by_copy, "Functionalize")
 
 def _not_differentiable(op_name):
     def kernel(new_kv_tokens, slice_indices, kv_cache, total_update_slices, *static):
-        if torch.is_grad_enabled() and (new_kv_tokens.requires_grad or kv_cache.requires_grad):
-            raise RuntimeError(f"paged_kv::{op_name} is not differentiable; detach its inputs or use torch.no_grad()")
+        _refuse_grad(op_name, new_kv_tokens, kv_cache)
         with torch._C._AutoDispatchBelowAutograd():
             return op(new_kv_tokens, slice_indices, kv_cache, total_update_slices, *static)
 
@@ -136,7 +144,11 @@ def _not_differentiable(op_name):
 
 
 for _name in ("kv_cache_update", "kv_cache_update_functional"):
+    # XLA needs this kernel: under functionalization the XLA kernels see
+    # unwrapped tensors, which do not carry requires_grad.
     _lib.impl(_name, _not_differentiable(_name), "Autograd")
+    for _key in ("AutogradCPU", "AutogradCUDA"):  # the eager kernels check themselves
+        _lib.impl(_name, torch.library.fallthrough_kernel, _key)
 
 
 @torch.library.register_fake("paged_kv::kv_cache_update", lib=_lib)
