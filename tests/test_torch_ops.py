@@ -333,6 +333,20 @@ def test_torch_compile_openxla_backend(xla_device):
         np.testing.assert_allclose(out.cpu().numpy(), want.sum(axis=(1, 2)), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("grad_input", ["kv_cache", "new_kv_tokens"])
+def test_torch_compile_refuses_inputs_that_require_grad(grad_input):
+    # AutogradCPU falls through to the eager kernels; what torch.compile traces
+    # are the fake kernels, which must refuse too.
+    cache = torch.zeros(4 * PAGE_SIZE, 2, 128)
+    new = torch.ones(4, 2, 128)
+    {"kv_cache": cache, "new_kv_tokens": new}[grad_input].requires_grad_()
+    idx = torch.tensor([[0], [0], [4]], dtype=torch.int32)
+    total = torch.tensor([1], dtype=torch.int32)
+    with pytest.raises(Exception, match="paged_kv::kv_cache_update is not differentiable"):
+        torch.compile(_UpdateThenSum(), fullgraph=True, backend="aot_eager")(new, idx, cache, total)
+    assert not cache.detach().any()
+
+
 @pytest.mark.parametrize("flush_denormal", [False, True])
 def test_row_copies_move_every_bit_pattern(flush_denormal):
     """The eager path copies rows as 16- or 8-byte words (complex128 / float64 views): every

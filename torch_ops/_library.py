@@ -151,8 +151,11 @@ for _name in ("kv_cache_update", "kv_cache_update_functional"):
         _lib.impl(_name, torch.library.fallthrough_kernel, _key)
 
 
+# The fake kernels refuse grad inputs too: with AutogradCPU falling through,
+# they are what torch.compile traces on CPU.
 @torch.library.register_fake("paged_kv::kv_cache_update", lib=_lib)
 def _(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size=32, slices_per_processing_page=8, impl="auto"):
+    _refuse_grad("kv_cache_update", new_kv_tokens, kv_cache)
     _validation.validate_static(
         new_kv_tokens, slice_indices, kv_cache, total_update_slices,
         page_size=page_size, slices_per_processing_page=slices_per_processing_page, impl=impl,
@@ -162,6 +165,7 @@ def _(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size=32,
 
 @torch.library.register_fake("paged_kv::kv_cache_update_functional", lib=_lib)
 def _(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size=32, slices_per_processing_page=8, impl="auto"):
+    _refuse_grad("kv_cache_update_functional", new_kv_tokens, kv_cache)
     _validation.validate_static(
         new_kv_tokens, slice_indices, kv_cache, total_update_slices,
         page_size=page_size, slices_per_processing_page=slices_per_processing_page, impl=impl,
