@@ -296,6 +296,9 @@ def test_update_compiler_options_by_platform_dtype_and_impl():
     assert scan == ({"xla_cpu_use_fusion_emitters": False} if old_jaxlib else {})
     with pytest.raises(ValueError, match="impl='kernel' is not one of"):
         jk.update_compiler_options(jnp.float32, impl="kernel")
+    with pytest.raises(TypeError, match="dtype='bf16x' is not a dtype"):
+        jk.update_compiler_options("bf16x")
+    assert jk.update_compiler_options("bfloat16", platform="CPU") == jk.update_compiler_options(jnp.bfloat16)
 
 
 def test_cdiv():
