@@ -235,7 +235,7 @@ def test_donated_cache_is_updated_in_place_on_cpu():
 UPDATE_FNS = {"auto": jk.kv_cache_update, "scatter": jk.kv_cache_update_scatter, "scan": jk.kv_cache_update_jax}
 
 
-def _update_step(impl, dtype, **options):
+def _update_step(impl, **options):
     return jax.jit(
         UPDATE_FNS[impl], donate_argnums=2, static_argnames=("page_size",),
         compiler_options=options or None,
@@ -251,7 +251,7 @@ def test_update_compiler_options_keep_donated_updates_exact_and_in_place(dtype, 
     new = random_tokens(rng, NUM_TOKENS, HEADS, HEAD_DIM, dtype)
     idx, total = random_slices(rng, num_rows=cache.shape[0], num_tokens=NUM_TOKENS, page_size=page_size, num_slices=NUM_SLICES)
     options = jk.update_compiler_options(cache.dtype, impl=impl)
-    step = _update_step(impl, dtype, **options)
+    step = _update_step(impl, **options)
     on_device = jnp.copy(jnp.asarray(cache))  # JAX-owned memory (a numpy-backed array is not donated)
     ptr = on_device.unsafe_buffer_pointer()
     out = step(jnp.asarray(new), jnp.asarray(idx), on_device, jnp.asarray(total), page_size=page_size)
@@ -275,7 +275,7 @@ def test_update_compiler_options_stop_xla_cpu_converting_the_whole_cache(dtype, 
     xla_type = options["xla_disable_hlo_passes"].removeprefix("float-normalization-")
 
     def whole_cache_types(**opts):
-        text = _update_step(impl, dtype, **opts).lower(*args, page_size=16).compile().as_text()
+        text = _update_step(impl, **opts).lower(*args, page_size=16).compile().as_text()
         return set(re.findall(rf"(\w+)\[{rows},{HEADS},{HEAD_DIM}\]", text))
 
     if whole_cache_types() == {xla_type}:
