@@ -115,8 +115,9 @@ def _update_by_copy(new_kv_tokens, slice_indices, kv_cache, total_update_slices,
     # XLA with XLA_DISABLE_FUNCTIONALIZATION=1, and every device under
     # functionalization: the functional op, then copy_ into the cache. The
     # intermediate dies here, so on XLA the synced graph aliases the cache.
-    # This kernel runs below the Autograd key (whose kernel has checked
-    # requires_grad already), so the functional op is called below it too.
+    # This kernel runs below the Autograd key, and requires_grad has been
+    # checked above it (the Autograd kernel on XLA; the fake kernels when
+    # torch.compile traces CPU/CUDA), so the functional op is called below it too.
     with torch._C._AutoDispatchBelowAutograd():
         updated = _FUNCTIONAL(
             new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size, slices_per_processing_page, impl
