@@ -7,13 +7,14 @@ PyTorch/XLA's JAX import guard first when ``torch_xla`` is installed.
 from bridge.call import call_jax, clear_cache
 from bridge.dlpack import ZeroCopyError, to_jax, to_torch, zero_copy_dtypes
 from bridge.dtypes import jax_to_torch_dtype, torch_to_jax_dtype
-from bridge.layouts import merge_kv, split_kv, to_flat, to_paged
+from bridge.layouts import kv_cache_shape, merge_kv, split_kv, to_flat, to_paged
 
 __all__ = [
     "ZeroCopyError",
     "call_jax",
     "clear_cache",
     "jax_to_torch_dtype",
+    "kv_cache_shape",
     "merge_kv",
     "split_kv",
     "to_flat",

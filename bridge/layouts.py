@@ -1,19 +1,24 @@
-"""KV cache layouts: combined K/V heads, and flat ⇄ paged caches.
+"""KV cache layouts (torch side of ``jax_kernels.layouts``, same names, same bits).
 
-Combined heads. The kernel writes K and V of ``num_kv_heads`` heads as one
-array of ``2 * num_kv_heads`` heads, interleaved ``k0, v0, k1, v1, ...`` (the
-layout of vLLM's TPU backend: ``torch.cat([k, v], -1).reshape(-1, 2 * H, D)``):
+Rows. A cache row holds one token's K and V; ``layout`` says how
+(``jax_kernels.layouts`` has the table): ``combined`` — ``2 * kvH`` heads
+interleaved ``k0, v0, k1, v1, ...`` (vLLM's 2025 TPU backend:
+``torch.cat([k, v], -1).reshape(-1, 2 * H, D)``); ``packed`` — the same heads
+padded to the dtype's packing and 128 lanes, ``[H2 // pack, pack, D128]``
+(tpu-inference's RPA v3 cache); ``packed_hd64`` — tpu-inference's head_dim-64
+rows, K and V side by side in 128 lanes:
 
-* :func:`merge_kv` builds it from separate K and V: always a **copy**;
-* :func:`split_kv` takes it apart: for torch tensors two strided **views**
-  (``kv[:, 0::2]``, ``kv[:, 1::2]``) of the same storage, no copy.
+* :func:`merge_kv` builds rows from separate K and V: always a **copy**;
+* :func:`split_kv` takes them apart: for torch tensors two strided **views**
+  of the same storage, no copy;
+* :func:`kv_cache_shape` gives the paged cache shape to allocate.
 
 Paged caches. A flat cache ``[P * page_size, H, D]`` and a paged cache
 ``[P, page_size, H, D]`` are the same memory: :func:`to_paged` and
 :func:`to_flat` return torch **views** (``Tensor.view``; a tensor whose strides
 don't allow the view raises ``ValueError`` instead of copying).
 
-All four accept torch tensors and JAX arrays. JAX arrays are immutable values:
+All of them accept torch tensors and JAX arrays. JAX arrays are immutable values:
 for them every function returns a new array (XLA decides whether memory is
 shared), so "view" and "copy" describe the torch behaviour.
 """
@@ -23,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from bridge._jax_import import jax
-import jax.numpy as jnp  # noqa: E402  (after the guarded import above)
+from jax_kernels import layouts as jk_layouts  # noqa: E402  (after the guarded import above): the shape math
 
 
 def _is_torch(x) -> bool:
@@ -45,12 +50,18 @@ def _check_page_size(page_size) -> None:
 def merge_kv(
     k,  # [T, num_kv_heads, D]
     v,  # [T, num_kv_heads, D]
-):  # -> [T, 2 * num_kv_heads, D], heads k0, v0, k1, v1, ...
-    """Copy separate K and V ``[T, H, D]`` into the combined-heads layout ``[T, 2H, D]``.
+    *,
+    layout: str = "combined",
+):  # -> [T, *jax_kernels.layouts.row_shape(num_kv_heads, D, dtype, layout=layout)]
+    """Copy separate K and V ``[T, kvH, D]`` into cache rows of ``layout``.
 
-    Head ``2h`` of the result is ``k[:, h]`` and head ``2h + 1`` is ``v[:, h]``.
-    Always a new tensor/array (a copy). ``k`` and ``v`` must be both torch
-    tensors or both JAX arrays, with equal shapes and dtypes.
+    ``combined`` (default): ``[T, 2 * kvH, D]``, head ``2h`` is ``k[:, h]`` and
+    head ``2h + 1`` is ``v[:, h]``. ``packed``: those heads padded with zero
+    heads to a multiple of ``pack`` and zero lanes to 128, as ``[T, H2 // pack,
+    pack, D128]`` (tpu-inference's RPA v3 rows). ``packed_hd64``: per head K
+    then V in 128 lanes. Always a new tensor/array (a copy), bitwise equal to
+    ``jax_kernels.merge_kv``. ``k`` and ``v`` must be both torch tensors or both
+    JAX arrays, with equal shapes and dtypes.
     """
     _check_array("k", k)
     _check_array("v", v)
@@ -59,38 +70,48 @@ def merge_kv(
             f"k and v must be both torch tensors or both JAX arrays, got "
             f"{type(k).__name__} and {type(v).__name__}"
         )
-    if k.ndim != 3:
-        raise ValueError(f"k must be [num_tokens, num_kv_heads, head_dim], got shape {tuple(k.shape)}")
-    if tuple(k.shape) != tuple(v.shape):
-        raise ValueError(f"k.shape={tuple(k.shape)} must equal v.shape={tuple(v.shape)}")
-    if k.dtype != v.dtype:
-        raise TypeError(f"k.dtype={k.dtype} must equal v.dtype={v.dtype}")
+    if not _is_torch(k):
+        return jk_layouts.merge_kv(k, v, layout=layout)
+    jk_layouts.check_kv(k, v)
     num_tokens, num_kv_heads, head_dim = k.shape
-    if _is_torch(k):
-        return torch.stack([k, v], dim=2).reshape(num_tokens, 2 * num_kv_heads, head_dim)
-    return jnp.stack([k, v], axis=2).reshape(num_tokens, 2 * num_kv_heads, head_dim)
+    heads, lanes, (pad_heads, pad_lanes), row = jk_layouts.merge_plan(num_kv_heads, head_dim, k.dtype, layout)
+    rows = torch.cat([k, v], dim=-1).reshape(num_tokens, heads, lanes)  # [T, heads, lanes]
+    if pad_heads or pad_lanes:
+        padded = rows.new_zeros((num_tokens, heads + pad_heads, lanes + pad_lanes))
+        padded[:, :heads, :lanes] = rows
+        rows = padded
+    return rows.reshape(num_tokens, *row)
 
 
 def split_kv(
-    kv,  # [T, 2 * num_kv_heads, D], heads k0, v0, k1, v1, ...
+    kv,  # [T, *row] in ``layout``
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    *,
+    layout: str = "combined",
 ):  # -> (k [T, num_kv_heads, D], v [T, num_kv_heads, D])
-    """Split the combined-heads layout ``[T, 2H, D]`` into K and V ``[T, H, D]``.
+    """Split cache rows of ``layout`` into K and V ``[T, kvH, D]``, padding dropped.
 
-    For torch tensors ``(kv[:, 0::2], kv[:, 1::2])``: strided views sharing
-    ``kv``'s storage (no copy; writes through them change ``kv``). Not
-    contiguous, so :func:`bridge.to_jax` copies them (JAX's DLPack rejects
-    stepped strides). For JAX arrays, two new arrays.
+    For torch tensors two strided **views** sharing ``kv``'s storage (no copy;
+    writes through them change ``kv``); combined: ``(kv[:, 0::2], kv[:, 1::2])``.
+    Not contiguous, so :func:`bridge.to_jax` copies them (JAX's DLPack rejects
+    stepped strides). For JAX arrays, ``jax_kernels.split_kv`` (two new arrays).
+    ``num_kv_heads`` and ``head_dim`` are read off combined rows when not
+    given; the padded layouts need them.
     """
     _check_array("kv", kv)
-    if kv.ndim != 3:
-        raise ValueError(
-            f"kv must be [num_tokens, 2 * num_kv_heads, head_dim], got shape {tuple(kv.shape)}"
-        )
-    if kv.shape[1] % 2:
-        raise ValueError(
-            f"kv.shape[1]={kv.shape[1]} must be even (2 * num_kv_heads, heads k0, v0, k1, v1, ...)"
-        )
-    return kv[:, 0::2], kv[:, 1::2]
+    if not _is_torch(kv):
+        return jk_layouts.split_kv(kv, num_kv_heads, head_dim, layout=layout)
+    num_tokens, (row, heads, k_at, v_at) = jk_layouts.split_args(kv, num_kv_heads, head_dim, layout, name="kv")
+    rows = _view(kv, (num_tokens, heads, row[-1]), what="kv")  # [T, heads, lanes]
+    return rows[:, k_at[0], k_at[1]], rows[:, v_at[0], v_at[1]]
+
+
+def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype, *, layout: str = "combined"):
+    """``jax_kernels.kv_cache_shape``, taking torch dtypes too: the paged cache
+    shape ``[num_pages, page_size, *row]`` of ``layout`` (for ``packed``,
+    tpu-inference's ``get_kv_cache_shape``). Allocate it with ``torch.zeros``."""
+    return jk_layouts.kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim, dtype, layout=layout)
 
 
 def to_paged(
@@ -136,12 +157,12 @@ def to_flat(
     return _view(cache, shape) if _is_torch(cache) else cache.reshape(shape)
 
 
-def _view(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def _view(tensor: torch.Tensor, shape: tuple[int, ...], what: str = "cache") -> torch.Tensor:
     try:
         return tensor.view(shape)
     except RuntimeError as err:
         raise ValueError(
-            f"cache with shape {tuple(tensor.shape)} and strides {tuple(tensor.stride())} cannot be "
+            f"{what} with shape {tuple(tensor.shape)} and strides {tuple(tensor.stride())} cannot be "
             f"viewed as {shape} without a copy; call .contiguous() on it first if a copy is "
             f"acceptable ({err})"
         ) from None

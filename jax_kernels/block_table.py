@@ -40,12 +40,13 @@ def _slice_indices_from_block_table(block_table, start_positions, num_new_tokens
     starts = start_positions.reshape(-1).astype(jnp.int32)  # i32[B]
     counts = num_new_tokens.reshape(-1).astype(jnp.int32)  # i32[B]
     num_reqs, pages_per_req = table.shape
-    if num_reqs == 0 or max_num_slices == 0:
-        zeros = jnp.zeros((3, max_num_slices), jnp.int32)
-        return zeros, jnp.zeros((1,), jnp.int32)
+    if num_reqs == 0:
+        return jnp.zeros((3, max_num_slices), jnp.int32), jnp.zeros((1,), jnp.int32)
     first_page = starts // page_size  # i32[B]
     touched = jnp.where(counts > 0, (starts + counts - 1) // page_size - first_page + 1, 0)  # i32[B]
     slice_end = jnp.cumsum(touched)  # i32[B]: exclusive end of each request's slices
+    if max_num_slices == 0:  # no room: the true count tells the update's validation
+        return jnp.zeros((3, 0), jnp.int32), slice_end[-1:]
     token_start = jnp.cumsum(counts) - counts  # i32[B]: first row in new_kv_tokens
     j = jnp.arange(max_num_slices, dtype=jnp.int32)  # i32[S]
     req = jnp.minimum(jnp.sum(slice_end[None, :] <= j[:, None], axis=1), num_reqs - 1)  # i32[S]

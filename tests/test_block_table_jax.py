@@ -95,3 +95,9 @@ def test_under_jit_too_many_slices_shows_in_the_total():
     idx, total = fn(table, jnp.array([0]), jnp.array([12]))
     assert int(total[0]) == 3  # the true count; kv_cache_update's validation rejects it
     assert idx.shape == (3, 2)
+
+
+def test_under_jit_no_room_at_all_still_reports_the_needed_count():
+    fn = jax.jit(lambda t, s, c: jk.slice_indices_from_block_table(t, s, c, page_size=4, max_num_slices=0))
+    idx, total = fn(jnp.array([[0, 1, 2]], jnp.int32), jnp.array([0]), jnp.array([6]))
+    assert idx.shape == (3, 0) and int(total[0]) == 2  # not 0: the update's validation must see the overflow

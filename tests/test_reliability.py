@@ -293,6 +293,42 @@ def test_jax_cache_sharded_over_heads_on_8_devices():
     )
 
 
+@pytest.mark.parametrize("mesh_shape", [(1, 8), (2, 4)], ids=["pages", "heads-and-pages"])
+def test_jax_cache_sharded_over_pages_on_8_devices(mesh_shape):
+    """EasyDeL 0.3's data-parallel pages: each device writes only the slices in its pages, no collective."""
+    _run(
+        f"""
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        import jax_kernels as jk
+        from jax_kernels.testing import bits, random_slices
+        mesh = Mesh(np.array(jax.devices()).reshape({mesh_shape}), ("h", "dp"))
+        # A packed bfloat16 cache [16 pages, 16 rows, 4, 2, 128]: pages over "dp", packed heads over "h".
+        shape = jk.kv_cache_shape(16, 16, 4, 64, jnp.bfloat16, layout="packed")
+        spec = NamedSharding(mesh, P("dp", None, "h", None, None))
+        rng = np.random.default_rng(0)
+        cache = np.full(shape, np.nan, jnp.bfloat16)
+        k, v = (rng.uniform(-4, 4, (40, 4, 64)).astype(jnp.bfloat16) for _ in "kv")
+        new = np.asarray(jk.merge_kv(jnp.asarray(k), jnp.asarray(v), layout="packed"))
+        idx, total = random_slices(rng, num_rows=256, num_tokens=40, page_size=16, num_slices=12, num_valid=12)
+        fn = jax.jit(lambda n, i, c, t: jk.kv_cache_update_sharded(n, i, c, t, mesh=mesh, heads_axis="h",
+                                                                   pages_axis="dp", page_size=16), donate_argnums=2)
+        tokens = jax.device_put(new, NamedSharding(mesh, P(None, "h", None, None)))
+        args = (tokens, jnp.asarray(idx), jax.device_put(cache, spec), jnp.asarray(total))
+        hlo = fn.lower(*args).compile().as_text()
+        for collective in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):
+            assert collective not in hlo, collective
+        out = fn(*args)
+        assert out.sharding.is_equivalent_to(spec, 5), out.sharding
+        assert np.array_equal(bits(out), bits(jk.kv_cache_update_reference(new, idx, cache, total)))
+        tpu = fn.trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+        assert "tpu_custom_call" in tpu
+        print("ok")
+        """,
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    )
+
+
 def test_xla_spmd_cache_sharded_over_heads(tmp_path):
     pytest.importorskip("torch_xla", reason="torch_xla is not installed in this environment")
     dump = tmp_path / "hlo"

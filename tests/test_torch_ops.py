@@ -342,7 +342,7 @@ def test_torch_compile_refuses_inputs_that_require_grad(grad_input):
     {"kv_cache": cache, "new_kv_tokens": new}[grad_input].requires_grad_()
     idx = torch.tensor([[0], [0], [4]], dtype=torch.int32)
     total = torch.tensor([1], dtype=torch.int32)
-    with pytest.raises(Exception, match="paged_kv::kv_cache_update is not differentiable"):
+    with pytest.raises(Exception, match=f"paged_kv::kv_cache_update is not differentiable, but {grad_input} requires"):
         torch.compile(_UpdateThenSum(), fullgraph=True, backend="aot_eager")(new, idx, cache, total)
     assert not cache.detach().any()
 
@@ -403,7 +403,8 @@ def test_inputs_that_require_grad_are_refused_and_the_cache_kept(device, op_name
     {"kv_cache": cache, "new_kv_tokens": new}[grad_input].requires_grad_()
     idx = torch.tensor([[0], [0], [4]], dtype=torch.int32, device=device)
     total = torch.tensor([1], dtype=torch.int32, device=device)
-    with pytest.raises(RuntimeError, match=f"paged_kv::{op_name} is not differentiable"):
+    # ValueError naming the tensor, like every rejected call (issue 16).
+    with pytest.raises(ValueError, match=f"paged_kv::{op_name} is not differentiable, but {grad_input} requires grad"):
         op(new, idx, cache, total, 16, 8, "auto")
     assert not cache.detach().cpu().any()
     with torch.no_grad():  # the documented way out

@@ -10,15 +10,24 @@ import bridge  # noqa: F401  (first: runs PyTorch/XLA's JAX import guard before 
 from . import _library  # noqa: F401  (registers the ops)
 from ._impls import IMPLS
 from ._validation import validation, validation_mode
-from .api import kv_cache_update, kv_cache_update_functional
-from .page_tables import max_num_slices_bound, slice_indices_from_block_table
+from .api import kv_cache_update, kv_cache_update_functional, kv_cache_update_kv, kv_cache_update_kv_functional
+from .page_tables import (
+    max_num_slices_bound,
+    slice_indices_from_block_table,
+    slice_indices_from_ragged_metadata,
+    slice_indices_from_slot_mapping,
+)
 
 __all__ = [
     "IMPLS",
     "kv_cache_update",
     "kv_cache_update_functional",
+    "kv_cache_update_kv",
+    "kv_cache_update_kv_functional",
     "max_num_slices_bound",
     "slice_indices_from_block_table",
+    "slice_indices_from_ragged_metadata",
+    "slice_indices_from_slot_mapping",
     "validation",
     "validation_mode",
 ]

@@ -23,7 +23,10 @@ O(cache)); XLA tensors reach them through ``call_jax``, staged into the lazy gra
 
 from __future__ import annotations
 
-import jax_kernels as jk
+from jax_kernels.kv_cache_update import api as jk_update
+from jax_kernels.kv_cache_update import fallbacks as jk_fallbacks
+from jax_kernels.kv_cache_update import kernel as jk_kernel
+from jax_kernels.kv_cache_update import validation as jk_validation
 
 IMPLS = ("auto", "torch", "jax", "scan", "pallas", "pallas_interpret")
 
@@ -33,39 +36,53 @@ def check_impl(impl) -> None:
         raise ValueError(f"impl={impl!r} is not one of {', '.join(map(repr, IMPLS))}")
 
 
-def jax_update(
-    new_kv_tokens,  # [T, H, D]
+def jax_update_pairs(
+    tokens,  # tuple of [T, *row_i]
     slice_indices,  # i32[3, S]
-    kv_cache,  # [R, H, D] or [P, page_size, H, D]
+    caches,  # tuple of caches holding rows row_i (flat, paged or packed)
+    total_update_slices,  # i32[1]
+    *,
+    impl: str,
+    page_size: int,
+    slices_per_processing_page: int,
+):  # -> tuple of updated caches
+    """The JAX function behind ``impl`` (``auto``, ``jax``, ``scan``, ``pallas``,
+    ``pallas_interpret``) on one or more (tokens, cache) pairs sharing the
+    slices (one for ``kv_cache_update``, K and V for ``kv_cache_update_kv``).
+    Shapes and metadata are validated by the caller (torch side, on the host)
+    before this runs. Module-level, so ``call_jax``'s cache (keyed by
+    function, shapes and static values) hits."""
+    tokens, caches = tuple(tokens), tuple(caches)
+    if impl == "auto":
+        return jk_update.update(
+            tokens, slice_indices, caches, total_update_slices, page_size=page_size,
+            slices_per_processing_page=slices_per_processing_page, interpret=False, validate=False,
+            page_shard_index=None, names=(jk_validation.NAMES,) * len(tokens),
+        )
+    if impl == "jax":
+        return jk_fallbacks.scatter_update(tokens, slice_indices, caches, total_update_slices, page_size=page_size)
+    if impl == "scan":
+        return jk_fallbacks.scan_update(tokens, slice_indices, caches, total_update_slices, page_size=page_size)
+    if impl in ("pallas", "pallas_interpret"):
+        return jk_kernel.pallas_update(
+            tokens, slice_indices, caches, total_update_slices, page_size=page_size,
+            slices_per_processing_page=slices_per_processing_page, interpret=impl == "pallas_interpret",
+        )
+    raise ValueError(f"impl={impl!r} has no JAX function")
+
+
+def jax_update(
+    new_kv_tokens,  # [T, *row]
+    slice_indices,  # i32[3, S]
+    kv_cache,  # [R, *row] or [P, page_size, *row]
     total_update_slices,  # i32[1]
     *,
     impl: str,
     page_size: int,
     slices_per_processing_page: int,
 ):
-    """The JAX function behind ``impl`` (``auto``, ``jax``, ``scan``, ``pallas``,
-    ``pallas_interpret``), on a flat or paged cache. Metadata is validated by
-    the caller (on the host) before this runs. One module-level function, so
-    ``call_jax``'s cache (keyed by function, shapes and static values) hits."""
-    flat = kv_cache.reshape(-1, *kv_cache.shape[-2:])
-    if impl == "auto":
-        out = jk.kv_cache_update(
-            new_kv_tokens, slice_indices, flat, total_update_slices, page_size=page_size,
-            slices_per_processing_page=slices_per_processing_page, validate=False,
-        )
-    elif impl == "jax":
-        out = jk.kv_cache_update_scatter(new_kv_tokens, slice_indices, flat, total_update_slices, page_size=page_size)
-    elif impl == "scan":
-        out = jk.kv_cache_update_jax(new_kv_tokens, slice_indices, flat, total_update_slices, page_size=page_size)
-    elif impl in ("pallas", "pallas_interpret"):
-        jk.static_validate_inputs(
-            new_kv_tokens, slice_indices, flat, total_update_slices, page_size=page_size,
-            slices_per_processing_page=slices_per_processing_page, for_tpu_kernel=True,
-        )
-        out = jk.kv_cache_update_pallas(
-            new_kv_tokens, slice_indices, flat, total_update_slices, page_size=page_size,
-            slices_per_processing_page=slices_per_processing_page, interpret=impl == "pallas_interpret",
-        )
-    else:
-        raise ValueError(f"impl={impl!r} has no JAX function")
-    return out.reshape(kv_cache.shape)
+    """:func:`jax_update_pairs` for one cache."""
+    return jax_update_pairs(
+        (new_kv_tokens,), slice_indices, (kv_cache,), total_update_slices, impl=impl, page_size=page_size,
+        slices_per_processing_page=slices_per_processing_page,
+    )[0]

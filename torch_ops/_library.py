@@ -1,16 +1,22 @@
 """The ops in namespace ``paged_kv``: schemas, fake kernels, device kernels.
 
-* ``paged_kv::kv_cache_update`` mutates ``kv_cache`` and returns nothing.
-* ``paged_kv::kv_cache_update_functional`` returns a new cache.
+* ``paged_kv::kv_cache_update`` mutates ``kv_cache`` and returns nothing;
+  ``paged_kv::kv_cache_update_functional`` returns a new cache.
+* ``paged_kv::kv_cache_update_kv`` mutates separate ``k_cache`` and ``v_cache``
+  with the same slices; ``paged_kv::kv_cache_update_kv_functional`` returns
+  ``(k_cache, v_cache)`` anew.
 
-Kernels: CPU and CUDA (eager), XLA, one at the ``Autograd`` key (the update is
-not differentiable: it raises if an input requires grad; for CPU and CUDA the
-eager kernels raise themselves and ``AutogradCPU``/``AutogradCUDA`` fall
-through, sparing a Python dispatch hop per call), and one at the
+Each op pair is one *spec* (:class:`_Op`): its argument names, which tensors
+are (token rows, cache) pairs; every kernel below is written once over the
+pairs. Kernels: CPU and CUDA (eager), XLA, one at the ``Autograd`` key (the
+update is not differentiable: it raises if an input requires grad; for CPU
+and CUDA the eager kernels raise themselves and ``AutogradCPU``/``AutogradCUDA``
+fall through, sparing a Python dispatch hop per call), and one at the
 ``Functionalize`` key: under functionalization (PyTorch/XLA's default mode,
-torch.compile) the mutating op runs as the functional op followed by
-``kv_cache.copy_``, which XLA turns into an in-place update when the graph is
-synced.
+torch.compile) a mutating op runs as its functional twin followed by
+``cache.copy_``, which XLA turns into an in-place update when the graph is
+synced. Other runtimes (torchax, TorchTPU) register their own kernels from
+their modules, using :data:`OPS`.
 
 The ops are defined with ``torch.library.Library`` rather than
 ``torch.library.custom_op``: custom_op's Python dispatch layers cost about
@@ -19,26 +25,66 @@ The ops are defined with ``torch.library.Library`` rather than
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import _eager, _validation, _xla
 
-_SIGNATURE = (
-    "(Tensor new_kv_tokens, Tensor slice_indices, Tensor{mut} kv_cache, Tensor total_update_slices, "
-    "int page_size=32, int slices_per_processing_page=8, str impl='auto')"
-)
+_STATIC = "int page_size=32, int slices_per_processing_page=8, str impl='auto'"
+_DEFAULTS = (32, 8, "auto")  # page_size, slices_per_processing_page, impl
+
+
+@dataclasses.dataclass(frozen=True)
+class _Op:
+    """One op pair: ``name`` (mutating) and ``name + "_functional"``.
+
+    Positional arguments: ``len(names)`` token tensors, ``slice_indices``,
+    the caches (one per token tensor), ``total_update_slices``, then the
+    static ``page_size, slices_per_processing_page, impl``."""
+
+    name: str
+    names: tuple  # per pair: (tokens, "slice_indices", cache, "total_update_slices") argument names
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.names)
+
+    def schema(self, functional: bool) -> str:
+        tokens = ", ".join(f"Tensor {n[0]}" for n in self.names)
+        caches = ", ".join(
+            f"Tensor{'' if functional else '(' + chr(ord('a') + i) + '!)'} {n[2]}" for i, n in enumerate(self.names)
+        )
+        out = ("Tensor" if self.num_pairs == 1 else "(" + ", ".join(["Tensor"] * self.num_pairs) + ")") if functional else "()"
+        return f"({tokens}, Tensor slice_indices, {caches}, Tensor total_update_slices, {_STATIC}) -> {out}"
+
+    def split(self, args):
+        """``(tokens, slice_indices, caches, total, static)`` from positional
+        args. The dispatcher leaves out trailing arguments that equal their
+        defaults, so ``static`` is completed from :data:`_DEFAULTS`."""
+        n = self.num_pairs
+        static = tuple(args[2 * n + 2 :])
+        return args[:n], args[n], args[n + 1 : 2 * n + 1], args[2 * n + 1], static + _DEFAULTS[len(static) :]
+
+
+#: The op pairs, by mutating name.
+OPS = {
+    "kv_cache_update": _Op("kv_cache_update", (_validation.NAMES,)),
+    "kv_cache_update_kv": _Op("kv_cache_update_kv", _validation.KV_NAMES),
+}
 
 _lib = torch.library.Library("paged_kv", "DEF")
-_lib.define("kv_cache_update" + _SIGNATURE.format(mut="(a!)") + " -> ()")
-_lib.define("kv_cache_update_functional" + _SIGNATURE.format(mut="") + " -> Tensor")
+for _op in OPS.values():
+    _lib.define(_op.name + _op.schema(functional=False))
+    _lib.define(_op.name + "_functional" + _op.schema(functional=True))
 
 
-def _prepare(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size, slices_per_processing_page, impl):
+def _prepare(op, tokens, slice_indices, caches, total_update_slices, page_size, slices_per_processing_page, impl):
     """All checks that can run here, before any data moves. Returns
-    ``(flat cache view, host columns i64[3, total] or None)``."""
-    flat = _validation.validate_static(
-        new_kv_tokens, slice_indices, kv_cache, total_update_slices,
-        page_size=page_size, slices_per_processing_page=slices_per_processing_page, impl=impl,
+    ``(3-D rows views of the caches, host columns i64[3, total] or None)``."""
+    flats = _validation.validate_static_pairs(
+        tokens, slice_indices, caches, total_update_slices, page_size=page_size,
+        slices_per_processing_page=slices_per_processing_page, impl=impl, names=op.names,
     )
     mode = _validation.validation_mode()
     cols = None
@@ -46,129 +92,158 @@ def _prepare(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_s
     # host anyway (on CUDA: a sync), so it is checked there by default; on XLA
     # only under validation("always").
     if slice_indices.device.type != "xla" or impl == "pallas_interpret" or mode == "always":
-        cols = _validation.host_columns(slice_indices, total_update_slices)
+        cols = _validation.host_columns(slice_indices, total_update_slices, op.names[0])
         if mode != "never":
-            _validation.validate_data(new_kv_tokens, cols, flat, page_size=page_size)
-    return flat, cols
+            _validation.validate_data(tokens[0], cols, flats[0], page_size=page_size, names=op.names[0])
+    return flats, cols
 
 
-def _update_eager_(new_kv_tokens, flat, cols, num_slices, page_size, slices_per_processing_page, impl):
+def _write_eager(tokens, flats, cols, num_slices, page_size, slices_per_processing_page, impl):
     if impl == "pallas":
         raise ValueError(
-            f"impl='pallas' needs PyTorch/XLA tensors on a TPU, got {flat.device} tensors; "
+            f"impl='pallas' needs PyTorch/XLA tensors on a TPU, got {flats[0].device} tensors; "
             f"use impl='pallas_interpret' to run the kernel's code elsewhere"
         )
-    if impl in ("auto", "torch"):
-        _eager.update_rows_(new_kv_tokens, cols, flat)
-    else:
-        _eager.update_staged_(
-            new_kv_tokens, cols, num_slices, flat, impl=impl, page_size=page_size,
-            slices_per_processing_page=slices_per_processing_page,
-        )
+    for new_kv_tokens, flat in zip(tokens, flats):
+        rows = _validation.flat_tokens(new_kv_tokens)  # [T, H, D], like flat's rows
+        if impl in ("auto", "torch"):
+            _eager.update_rows_(rows, cols, flat)
+        else:
+            _eager.update_staged_(
+                rows, cols, num_slices, flat, impl=impl, page_size=page_size,
+                slices_per_processing_page=slices_per_processing_page,
+            )
 
 
-def _refuse_grad(op_name, new_kv_tokens, kv_cache):
-    if torch.is_grad_enabled() and (new_kv_tokens.requires_grad or kv_cache.requires_grad):
-        raise RuntimeError(f"paged_kv::{op_name} is not differentiable; detach its inputs or use torch.no_grad()")
+def _refuse_grad(op_name, names, tensors):
+    if torch.is_grad_enabled():
+        for name, t in zip(names, tensors):
+            if t.requires_grad:
+                raise ValueError(
+                    f"paged_kv::{op_name} is not differentiable, but {name} requires grad; "
+                    f"pass {name}.detach() or call it under torch.no_grad()"
+                )
+
+
+def _grad_names(op):
+    """The float tensors' argument names, in the order of :func:`_grad_tensors`."""
+    return [n[0] for n in op.names] + [n[2] for n in op.names]
+
+
+def _grad_tensors(op, args):
+    tokens, _, caches, _, _ = op.split(args)
+    return [*tokens, *caches]
 
 
 # ------------------------------------------------------------------- eager
 
 
-def _update_eager(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size=32, slices_per_processing_page=8, impl="auto"):
-    _refuse_grad("kv_cache_update", new_kv_tokens, kv_cache)  # AutogradCPU/CUDA fall through to here
-    flat, cols = _prepare(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size, slices_per_processing_page, impl)
-    _update_eager_(new_kv_tokens, flat, cols, slice_indices.shape[1], page_size, slices_per_processing_page, impl)
-    torch.autograd.graph.increment_version(kv_cache)  # views and autograd see the mutation
+def _eager_kernels(op):
+    def mutating(*args):
+        _refuse_grad(op.name, _grad_names(op), _grad_tensors(op, args))  # AutogradCPU/CUDA fall through to here
+        tokens, idx, caches, total, static = op.split(args)
+        flats, cols = _prepare(op, tokens, idx, caches, total, *static)
+        _write_eager(tokens, flats, cols, idx.shape[1], *static)
+        for cache in caches:
+            torch.autograd.graph.increment_version(cache)  # views and autograd see the mutation
 
+    def functional(*args):
+        """Copies of the caches, updated (O(cache) by nature)."""
+        _refuse_grad(op.name + "_functional", _grad_names(op), _grad_tensors(op, args))
+        tokens, idx, caches, total, static = op.split(args)
+        _, cols = _prepare(op, tokens, idx, caches, total, *static)
+        if static[2] == "pallas":  # fail before the O(cache) clone
+            _write_eager(tokens, caches, cols, idx.shape[1], *static)
+        outs = [c.clone() for c in caches]
+        flats = [_validation.flat_cache(o, t) for o, t in zip(outs, tokens)]
+        _write_eager(tokens, flats, cols, idx.shape[1], *static)
+        return outs[0] if op.num_pairs == 1 else tuple(outs)
 
-def _functional_eager(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size=32, slices_per_processing_page=8, impl="auto"):
-    """A copy of the cache, updated (O(cache) by nature)."""
-    _refuse_grad("kv_cache_update_functional", new_kv_tokens, kv_cache)
-    flat, cols = _prepare(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size, slices_per_processing_page, impl)
-    num_slices = slice_indices.shape[1]
-    if impl == "pallas":  # fail before the O(cache) clone
-        _update_eager_(new_kv_tokens, flat, cols, num_slices, page_size, slices_per_processing_page, impl)
-    out = kv_cache.clone()
-    flat_out = _validation.flat_cache(out, page_size)
-    _update_eager_(new_kv_tokens, flat_out, cols, num_slices, page_size, slices_per_processing_page, impl)
-    return out
-
-
-for _key in ("CPU", "CUDA"):
-    _lib.impl("kv_cache_update", _update_eager, _key)
-    _lib.impl("kv_cache_update_functional", _functional_eager, _key)
+    return mutating, functional
 
 
 # --------------------------------------------------------------------- XLA
 
 
-def _functional_xla(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size=32, slices_per_processing_page=8, impl="auto"):
-    _, cols = _prepare(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size, slices_per_processing_page, impl)
-    return _xla.functional_update(
-        new_kv_tokens, slice_indices, kv_cache, total_update_slices, impl=impl, page_size=page_size,
-        slices_per_processing_page=slices_per_processing_page, host_cols=cols,
-    )
+def _xla_functional(op):
+    def functional(*args):
+        tokens, idx, caches, total, static = op.split(args)
+        _, cols = _prepare(op, tokens, idx, caches, total, *static)
+        page_size, spp, impl = static
+        outs = _xla.functional_update_pairs(
+            tokens, idx, caches, total, impl=impl, page_size=page_size, slices_per_processing_page=spp, host_cols=cols,
+        )
+        return outs[0] if op.num_pairs == 1 else tuple(outs)
+
+    return functional
 
 
-def _update_by_copy(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size=32, slices_per_processing_page=8, impl="auto"):
+def _update_by_copy(op):
     # XLA with XLA_DISABLE_FUNCTIONALIZATION=1, and every device under
-    # functionalization: the functional op, then copy_ into the cache. The
-    # intermediate dies here, so on XLA the synced graph aliases the cache.
+    # functionalization: the functional op, then copy_ into the caches. The
+    # intermediates die here, so on XLA the synced graph aliases the caches.
     # This kernel runs below the Autograd key, and requires_grad has been
     # checked above it (the Autograd kernel on XLA; the fake kernels when
     # torch.compile traces CPU/CUDA), so the functional op is called below it too.
-    with torch._C._AutoDispatchBelowAutograd():
-        updated = _FUNCTIONAL(
-            new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size, slices_per_processing_page, impl
-        )
-    kv_cache.copy_(updated)
+    functional = getattr(torch.ops.paged_kv, op.name + "_functional").default
 
+    def mutating(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            updated = functional(*args)
+        _, _, caches, _, _ = op.split(args)
+        for cache, new in zip(caches, (updated,) if op.num_pairs == 1 else updated):
+            cache.copy_(new)
 
-_FUNCTIONAL = torch.ops.paged_kv.kv_cache_update_functional.default
-_lib.impl("kv_cache_update_functional", _functional_xla, "XLA")
-_lib.impl("kv_cache_update", _update_by_copy, "XLA")
-_lib.impl("kv_cache_update", _update_by_copy, "Functionalize")
+    return mutating
 
 
 # ---------------------------------------------------------- autograd, fake
 
 
-def _not_differentiable(op_name):
-    def kernel(new_kv_tokens, slice_indices, kv_cache, total_update_slices, *static):
-        _refuse_grad(op_name, new_kv_tokens, kv_cache)
-        with torch._C._AutoDispatchBelowAutograd():
-            return op(new_kv_tokens, slice_indices, kv_cache, total_update_slices, *static)
+def _not_differentiable(op, name):
+    overload = getattr(torch.ops.paged_kv, name).default
 
-    op = getattr(torch.ops.paged_kv, op_name).default
+    def kernel(*args):
+        _refuse_grad(name, _grad_names(op), _grad_tensors(op, args))
+        with torch._C._AutoDispatchBelowAutograd():
+            return overload(*args)
+
     return kernel
 
 
-for _name in ("kv_cache_update", "kv_cache_update_functional"):
-    # XLA needs this kernel: under functionalization the XLA kernels see
-    # unwrapped tensors, which do not carry requires_grad.
-    _lib.impl(_name, _not_differentiable(_name), "Autograd")
-    for _key in ("AutogradCPU", "AutogradCUDA"):  # the eager kernels check themselves
-        _lib.impl(_name, torch.library.fallthrough_kernel, _key)
+def _fake(op, functional: bool):
+    # The fake kernels refuse grad inputs too: with AutogradCPU falling through,
+    # they are what torch.compile traces on CPU.
+    name = op.name + ("_functional" if functional else "")
+
+    def fake(*args):
+        _refuse_grad(name, _grad_names(op), _grad_tensors(op, args))
+        tokens, idx, caches, total, (page_size, spp, impl) = op.split(args)
+        _validation.validate_static_pairs(
+            tokens, idx, caches, total, page_size=page_size, slices_per_processing_page=spp, impl=impl,
+            names=op.names,
+        )
+        if not functional:
+            return None
+        outs = [torch.empty_like(c) for c in caches]
+        return outs[0] if op.num_pairs == 1 else tuple(outs)
+
+    return fake
 
 
-# The fake kernels refuse grad inputs too: with AutogradCPU falling through,
-# they are what torch.compile traces on CPU.
-@torch.library.register_fake("paged_kv::kv_cache_update", lib=_lib)
-def _(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size=32, slices_per_processing_page=8, impl="auto"):
-    _refuse_grad("kv_cache_update", new_kv_tokens, kv_cache)
-    _validation.validate_static(
-        new_kv_tokens, slice_indices, kv_cache, total_update_slices,
-        page_size=page_size, slices_per_processing_page=slices_per_processing_page, impl=impl,
-    )
-    return None
-
-
-@torch.library.register_fake("paged_kv::kv_cache_update_functional", lib=_lib)
-def _(new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size=32, slices_per_processing_page=8, impl="auto"):
-    _refuse_grad("kv_cache_update_functional", new_kv_tokens, kv_cache)
-    _validation.validate_static(
-        new_kv_tokens, slice_indices, kv_cache, total_update_slices,
-        page_size=page_size, slices_per_processing_page=slices_per_processing_page, impl=impl,
-    )
-    return torch.empty_like(kv_cache)
+for _op in OPS.values():
+    _mutating, _functional = _eager_kernels(_op)
+    for _key in ("CPU", "CUDA"):
+        _lib.impl(_op.name, _mutating, _key)
+        _lib.impl(_op.name + "_functional", _functional, _key)
+    _lib.impl(_op.name + "_functional", _xla_functional(_op), "XLA")
+    _lib.impl(_op.name, _update_by_copy(_op), "XLA")
+    _lib.impl(_op.name, _update_by_copy(_op), "Functionalize")
+    for _name in (_op.name, _op.name + "_functional"):
+        # XLA needs this kernel: under functionalization the XLA kernels see
+        # unwrapped tensors, which do not carry requires_grad.
+        _lib.impl(_name, _not_differentiable(_op, _name), "Autograd")
+        for _key in ("AutogradCPU", "AutogradCUDA"):  # the eager kernels check themselves
+            _lib.impl(_name, torch.library.fallthrough_kernel, _key)
+    torch.library.register_fake("paged_kv::" + _op.name, _fake(_op, functional=False), lib=_lib)
+    torch.library.register_fake("paged_kv::" + _op.name + "_functional", _fake(_op, functional=True), lib=_lib)

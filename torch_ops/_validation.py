@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import torch
 
-import jax_kernels as jk
 from jax_kernels.kv_cache_update import validation as jk_validation
+from jax_kernels.kv_cache_update.prepare import static_validate_pairs
 from bridge.dtypes import torch_to_jax_dtype
 
 from ._impls import check_impl
@@ -45,24 +45,37 @@ def validation(mode: str):
         _state.mode = old
 
 
-def flat_cache(kv_cache: torch.Tensor, page_size: int) -> torch.Tensor:
-    """``kv_cache`` as a flat ``[P * page_size, H, D]`` view (never a copy)."""
+#: The torch ops' argument names, for errors: ``kv_cache_update``'s, and
+#: ``kv_cache_update_kv``'s two (tokens, cache) pairs.
+NAMES = ("new_kv_tokens", "slice_indices", "kv_cache", "total_update_slices")
+KV_NAMES = tuple(
+    (tok, "slice_indices", cache, "total_update_slices") for tok, cache in (("key", "k_cache"), ("value", "v_cache"))
+)
+
+
+def flat_cache(kv_cache: torch.Tensor, new_kv_tokens: torch.Tensor, name: str = "kv_cache") -> torch.Tensor:
+    """``kv_cache``'s rows as a 3-D view ``[R, H, D]`` (never a copy): flat and
+    paged caches of ``[H, D]`` rows, and packed ``[H', pack, D']`` rows seen
+    as ``[H' * pack, D']`` (the same bytes). Shapes must already be valid."""
     if kv_cache.dim() == 3:
         return kv_cache
-    if kv_cache.dim() != 4:
-        raise ValueError(
-            f"kv_cache must be flat [num_pages * page_size, H, D] or paged "
-            f"[num_pages, page_size, H, D], got shape {tuple(kv_cache.shape)}"
-        )
-    if kv_cache.shape[1] != page_size:
-        raise ValueError(f"paged kv_cache.shape[1]={kv_cache.shape[1]} must equal {page_size=}")
+    rows = new_kv_tokens.shape[1:]
     try:
-        return kv_cache.view(-1, *kv_cache.shape[2:])
+        return kv_cache.view(-1, int(np.prod(rows[:-1])), rows[-1])
     except RuntimeError as e:
         raise ValueError(
-            f"paged kv_cache with strides {kv_cache.stride()} cannot be viewed as a flat cache "
-            f"(pages and rows within a page must be evenly strided): {e}"
+            f"{name} with shape {tuple(kv_cache.shape)} and strides {kv_cache.stride()} cannot be viewed as "
+            f"flat rows [num_pages * page_size, *{tuple(rows)}] (pages and rows must be evenly strided, "
+            f"each row contiguous): {e}"
         ) from None
+
+
+def flat_tokens(new_kv_tokens: torch.Tensor) -> torch.Tensor:
+    """Packed token rows ``[T, H', pack, D']`` as ``[T, H' * pack, D']`` (a view
+    when contiguous, else a copy of the tokens: O(update)); 3-D tokens as is."""
+    if new_kv_tokens.dim() == 3:
+        return new_kv_tokens
+    return new_kv_tokens.reshape(new_kv_tokens.shape[0], -1, new_kv_tokens.shape[-1])
 
 
 def _proxy(t: torch.Tensor, name: str) -> jax.ShapeDtypeStruct:
@@ -76,10 +89,10 @@ def _proxy(t: torch.Tensor, name: str) -> jax.ShapeDtypeStruct:
 _STATIC_OK: dict = {}  # signatures that passed validate_static (it depends on nothing else)
 
 
-def _signature(tensors, page_size, slices_per_processing_page, impl):
+def _signature(tensors, caches, page_size, slices_per_processing_page, impl):
     return (
         tuple((t.shape, t.dtype, t.device) for t in tensors),
-        tensors[2].stride(),
+        tuple(c.stride() for c in caches),  # the rows view depends on them
         page_size,
         slices_per_processing_page,
         impl,
@@ -89,28 +102,48 @@ def _signature(tensors, page_size, slices_per_processing_page, impl):
 def validate_static(
     new_kv_tokens, slice_indices, kv_cache, total_update_slices, *, page_size, slices_per_processing_page, impl
 ) -> torch.Tensor:
-    """Checks that need no data. Returns the flat cache view.
+    """Checks that need no data, for ``kv_cache_update``. Returns the 3-D rows
+    view of the cache (:func:`flat_cache`)."""
+    return validate_static_pairs(
+        (new_kv_tokens,), slice_indices, (kv_cache,), total_update_slices, page_size=page_size,
+        slices_per_processing_page=slices_per_processing_page, impl=impl, names=(NAMES,),
+    )[0]
 
-    The outcome depends only on shapes, dtypes, devices, the cache's strides
-    and the static arguments, so a signature that passed once is remembered.
+
+def validate_static_pairs(
+    tokens, slice_indices, caches, total_update_slices, *, page_size, slices_per_processing_page, impl, names
+) -> list[torch.Tensor]:
+    """Checks that need no data, for (tokens, cache) pairs sharing the slices
+    (``names``: each pair's argument names). Returns each cache's 3-D rows view.
+
+    The outcome depends only on shapes, dtypes, devices, strides and the
+    static arguments, so a signature that passed once is remembered.
     """
-    named = (
-        ("new_kv_tokens", new_kv_tokens),
-        ("slice_indices", slice_indices),
-        ("kv_cache", kv_cache),
-        ("total_update_slices", total_update_slices),
-    )
+    named = [(n[0], t) for t, n in zip(tokens, names)] + [(names[0][1], slice_indices)]
+    named += [(n[2], c) for c, n in zip(caches, names)] + [(names[0][3], total_update_slices)]
     for name, t in named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    tensors = (new_kv_tokens, slice_indices, kv_cache, total_update_slices)
     try:
-        key = _signature(tensors, page_size, slices_per_processing_page, impl)
+        key = _signature([t for _, t in named], caches, page_size, slices_per_processing_page, impl)
         hash(key)
     except TypeError:  # symbolic shapes (fake tensors under torch.compile): not cached
         key = None
-    if key in _STATIC_OK:
-        return kv_cache if kv_cache.dim() == 3 else kv_cache.view(-1, *kv_cache.shape[2:])
+    if key not in _STATIC_OK:
+        _validate_static_uncached(
+            named, tokens, slice_indices, caches, total_update_slices, page_size=page_size,
+            slices_per_processing_page=slices_per_processing_page, impl=impl, names=names,
+        )
+        if key is not None:
+            if len(_STATIC_OK) > 4096:  # bounded: shapes are normally bucketed
+                _STATIC_OK.clear()
+            _STATIC_OK[key] = True
+    return [flat_cache(c, t, n[2]) for t, c, n in zip(tokens, caches, names)]
+
+
+def _validate_static_uncached(
+    named, tokens, slice_indices, caches, total_update_slices, *, page_size, slices_per_processing_page, impl, names
+) -> None:
     check_impl(impl)
     devices = {name: t.device for name, t in named}
     if len(set(devices.values())) > 1:
@@ -118,34 +151,29 @@ def validate_static(
         raise ValueError(f"all tensors must be on one device, got {where}")
     if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
         raise ValueError(f"{page_size=} must be positive")
-    flat = flat_cache(kv_cache, page_size)
-    jk.static_validate_inputs(
-        _proxy(new_kv_tokens, "new_kv_tokens"),
-        _proxy(slice_indices, "slice_indices"),
-        _proxy(flat, "kv_cache"),
-        _proxy(total_update_slices, "total_update_slices"),
+    static_validate_pairs(
+        [_proxy(t, n[0]) for t, n in zip(tokens, names)],
+        _proxy(slice_indices, names[0][1]),
+        [_proxy(c, n[2]) for c, n in zip(caches, names)],
+        _proxy(total_update_slices, names[0][3]),
         page_size=page_size,
         slices_per_processing_page=slices_per_processing_page,
         for_tpu_kernel=impl in ("pallas", "pallas_interpret"),
+        names=names,
     )
-    if key is not None:
-        if len(_STATIC_OK) > 4096:  # bounded: shapes are normally bucketed
-            _STATIC_OK.clear()
-        _STATIC_OK[key] = True
-    return flat
 
 
-def host_columns(slice_indices: torch.Tensor, total_update_slices: torch.Tensor) -> np.ndarray:
+def host_columns(slice_indices: torch.Tensor, total_update_slices: torch.Tensor, names=NAMES) -> np.ndarray:
     """The valid slice columns ``slice_indices[:, :total]`` as numpy
     ``i64[3, total]`` (a device→host copy off CPU), ``total`` range-checked."""
     # Both are integer tensors (checked by validate_static), which never require grad.
     idx = slice_indices if slice_indices.device.type == "cpu" else slice_indices.cpu()
-    return jk_validation.slice_columns(idx.numpy(), total_update_slices.item())
+    return jk_validation.slice_columns(idx.numpy(), total_update_slices.item(), names=names)
 
 
-def validate_data(new_kv_tokens, cols: np.ndarray, flat: torch.Tensor, *, page_size: int) -> None:
+def validate_data(new_kv_tokens, cols: np.ndarray, flat: torch.Tensor, *, page_size: int, names=NAMES) -> None:
     """The slice data checks of ``jax_kernels.dynamic_validate_inputs`` on the
-    columns from :func:`host_columns`."""
+    columns from :func:`host_columns` (``flat``: the cache's rows view)."""
     jk_validation.check_slice_columns(
-        cols, num_tokens=new_kv_tokens.shape[0], num_rows=flat.shape[0], page_size=page_size
+        cols, num_tokens=new_kv_tokens.shape[0], num_rows=flat.shape[0], page_size=page_size, names=names
     )

@@ -15,7 +15,7 @@ import functools
 import torch
 
 from ._eager import RowPlan, staged_update
-from ._impls import jax_update
+from ._impls import jax_update_pairs
 
 
 def is_tpu() -> bool:
@@ -24,14 +24,15 @@ def is_tpu() -> bool:
     return xr.device_type() == "TPU"
 
 
-def functional_update(
-    new_kv_tokens, slice_indices, kv_cache, total_update_slices, *, impl, page_size, slices_per_processing_page,
+def functional_update_pairs(
+    tokens, slice_indices, caches, total_update_slices, *, impl, page_size, slices_per_processing_page,
     host_cols=None,
 ):
-    """A new XLA tensor: ``kv_cache`` with the update applied."""
+    """New XLA tensors: the ``caches`` with the update applied (one per
+    (tokens, cache) pair; the pairs share the slices)."""
     if impl == "pallas" and not is_tpu():
         raise ValueError(
-            f"impl='pallas' needs PyTorch/XLA tensors on a TPU, got {kv_cache.device} tensors; "
+            f"impl='pallas' needs PyTorch/XLA tensors on a TPU, got {caches[0].device} tensors; "
             f"use impl='pallas_interpret' to run the kernel's code elsewhere"
         )
     if impl == "torch":
@@ -40,25 +41,34 @@ def functional_update(
             "(the update staged into the XLA graph)"
         )
     if impl == "pallas_interpret":
-        return _interpret_on_host(
-            new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size=page_size,
-            slices_per_processing_page=slices_per_processing_page, host_cols=host_cols,
-        )
-    staged = _staged_jax_update(impl, page_size, slices_per_processing_page)
-    return staged(new_kv_tokens, slice_indices.to(torch.int32), kv_cache, total_update_slices.to(torch.int32))[0]
+        return [
+            _interpret_on_host(
+                new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size=page_size,
+                slices_per_processing_page=slices_per_processing_page, host_cols=host_cols,
+            )
+            for new_kv_tokens, kv_cache in zip(tokens, caches)
+        ]
+    staged = _staged_jax_update(impl, page_size, slices_per_processing_page, len(tokens))
+    return staged(*tokens, slice_indices.to(torch.int32), *caches, total_update_slices.to(torch.int32))
 
 
 @functools.lru_cache(maxsize=None)
-def _staged_jax_update(impl: str, page_size: int, slices_per_processing_page: int):
-    """``jax_update`` for one static config, lowered once per input signature
-    and staged into the lazy graph on every call (no per-call tracing or
-    pytree work: the op's Python cost per call is a few µs on top)."""
+def _staged_jax_update(impl: str, page_size: int, slices_per_processing_page: int, num_pairs: int):
+    """``jax_update_pairs`` for one static config and pair count, lowered once
+    per input signature and staged into the lazy graph on every call (no
+    per-call tracing or pytree work: the op's Python cost per call is a few
+    µs on top). Arguments: the tokens, slice indices, the caches, the total."""
     from bridge.xla_staging import StagedJaxFunction  # here: torch_xla is optional, and loaded by now
 
-    update = functools.partial(
-        jax_update, impl=impl, page_size=page_size, slices_per_processing_page=slices_per_processing_page
-    )
-    return StagedJaxFunction(lambda *arrays: (update(*arrays),), name="xla::paged_kv_cache_update")
+    n = num_pairs
+
+    def update(*arrays):
+        return jax_update_pairs(
+            arrays[:n], arrays[n], arrays[n + 1 : 2 * n + 1], arrays[2 * n + 1], impl=impl, page_size=page_size,
+            slices_per_processing_page=slices_per_processing_page,
+        )
+
+    return StagedJaxFunction(update, name="xla::paged_kv_cache_update")
 
 
 def _interpret_on_host(
@@ -68,16 +78,16 @@ def _interpret_on_host(
     callbacks, which an XLA graph cannot hold, so the kernel runs on the host
     on a staging cache of the written rows (a device→host sync for the tokens
     and metadata), and the rows come back with one ``index_copy``."""
-    from ._validation import flat_cache, host_columns
+    from ._validation import flat_cache, flat_tokens, host_columns
 
     cols = host_cols if host_cols is not None else host_columns(slice_indices, total_update_slices)
     plan = RowPlan(cols)
     if plan.num_rows == 0:
         return kv_cache.clone()
     rows = staged_update(
-        new_kv_tokens.cpu(), plan, slice_indices.shape[1], impl="pallas_interpret", page_size=page_size,
+        flat_tokens(new_kv_tokens.cpu()), plan, slice_indices.shape[1], impl="pallas_interpret", page_size=page_size,
         slices_per_processing_page=slices_per_processing_page,
     )
-    flat = flat_cache(kv_cache, page_size)
+    flat = flat_cache(kv_cache, new_kv_tokens)
     dst_rows = torch.from_numpy(plan.dst_rows).to(kv_cache.device)
     return flat.index_copy(0, dst_rows, rows.to(kv_cache.device)).view(kv_cache.shape)

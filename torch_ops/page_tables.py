@@ -1,4 +1,13 @@
-"""Block table → slice indices for the KV cache update, in torch (CPU or XLA).
+"""Paging metadata → slice indices for the KV cache update, in torch (CPU or XLA).
+
+Three front ends, each the twin of the ``jax_kernels`` function of the same
+name (bit-identical results): :func:`slice_indices_from_block_table` (below),
+:func:`slice_indices_from_slot_mapping` (a cache row per token, ``-1`` =
+padding: vLLM's GPU backends, transformers, sglang-jax) and
+:func:`slice_indices_from_ragged_metadata` (tpu-inference's ragged paged
+attention arrays, which is the block-table math with ``start = kv_len - q_len``).
+The last two run the ``jax_kernels`` host checks on CPU tensors' data and
+nothing on other devices.
 
 :func:`slice_indices_from_block_table` turns vLLM-style paging metadata
 (a block table, start positions and new-token counts per request) into the
@@ -32,6 +41,8 @@ from __future__ import annotations
 import torch
 
 from jax_kernels import max_num_slices_bound  # noqa: F401  (re-exported: one implementation)
+from jax_kernels import ragged_metadata as _jk_ragged
+from jax_kernels import slot_mapping as _jk_slots
 
 
 def _check_int(name: str, value, *, minimum: int) -> None:
@@ -72,20 +83,42 @@ def slice_indices_from_block_table(
 
     device = block_table.device
     num_reqs, max_pages_per_req = block_table.shape
+    if num_reqs and max_pages_per_req == 0 and device.type == "cpu" and int(num_new_tokens.max()) > 0:
+        raise ValueError(
+            f"block_table has no columns (shape {tuple(block_table.shape)}) but "
+            f"num_new_tokens has tokens to write"
+        )
+    if device.type == "cpu" and num_reqs and max_pages_per_req:
+        _check_values_on_host(block_table, start_positions, num_new_tokens, page_size, num_pages)
+
+    slice_indices, total = _block_table_slices(
+        block_table, start_positions, num_new_tokens, page_size=page_size, max_num_slices=max_num_slices
+    )
+    if device.type == "cpu" and int(total[0]) > max_num_slices:
+        raise ValueError(
+            f"the batch needs {int(total[0])} slices but {max_num_slices=}; raise max_num_slices "
+            f"(max_num_slices_bound gives a safe value)"
+        )
+    return slice_indices, total
+
+
+def _block_table_slices(
+    block_table: torch.Tensor,  # int[B, max_pages_per_req]
+    start_positions: torch.Tensor,  # int[B]
+    num_new_tokens: torch.Tensor,  # int[B]
+    *,
+    page_size: int,
+    max_num_slices: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (i32[3, max_num_slices], i32[1])
+    """The block-table slice math (no checks), shared by every front end here."""
+    device = block_table.device
+    num_reqs, max_pages_per_req = block_table.shape
     int32 = torch.int32
     if num_reqs == 0 or max_pages_per_req == 0:
-        if device.type == "cpu" and num_reqs and int(num_new_tokens.max()) > 0:
-            raise ValueError(
-                f"block_table has no columns (shape {tuple(block_table.shape)}) but "
-                f"num_new_tokens has tokens to write"
-            )
         return (
             torch.zeros((3, max_num_slices), dtype=int32, device=device),
             torch.zeros((1,), dtype=int32, device=device),
         )
-
-    if device.type == "cpu":
-        _check_values_on_host(block_table, start_positions, num_new_tokens, page_size, num_pages)
 
     table = block_table.to(int32)  # i32[B, max_pages]
     starts = start_positions.to(int32)  # i32[B]
@@ -118,11 +151,6 @@ def slice_indices_from_block_table(
     columns = torch.stack([dst, src, length])  # i32[3, S]
     slice_indices = torch.where(valid[None, :], columns, torch.zeros_like(columns))  # i32[3, S]
 
-    if device.type == "cpu" and int(total[0]) > max_num_slices:
-        raise ValueError(
-            f"the batch needs {int(total[0])} slices but {max_num_slices=}; raise max_num_slices "
-            f"(max_num_slices_bound gives a safe value)"
-        )
     return slice_indices, total.clone()
 
 
@@ -191,3 +219,133 @@ def _check_values_on_host(block_table, start_positions, num_new_tokens, page_siz
         raise ValueError(
             f"block_table[{b}, {p}]={int(entries[b, p])} is used by request {b} but must be {bound}"
         )
+
+
+def slice_indices_from_slot_mapping(
+    slot_mapping: torch.Tensor,  # int[T]
+    *,
+    page_size: int,
+    max_num_slices: int,
+    num_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (i32[3, max_num_slices], i32[1])
+    """Slice indices for new tokens whose cache rows a slot mapping names.
+
+    ``slot_mapping[t]`` is the flat cache row token ``t`` goes to; ``-1`` marks
+    padding, skipped. Consecutive tokens going to consecutive rows of one page
+    merge into one slice ``(slot_mapping[t0], t0, len)``, never crossing a page;
+    slices in token order, remaining columns zero. Returns int32 tensors on
+    ``slot_mapping``'s device. ``max_num_slices = len(slot_mapping)`` always
+    suffices. Same checks as ``jax_kernels.slice_indices_from_slot_mapping``
+    (``TypeError`` for a non-integer ``slot_mapping``, ``ValueError`` for a
+    wrong rank) on every call; on CPU tensors also the value checks (a slot
+    below ``-1``, duplicate slots, a slot ``>= num_rows`` when given, more
+    slices than ``max_num_slices``). Off CPU nothing is read back: negative
+    slots count as padding and ``total_update_slices`` holds the true count.
+    """
+    _check_int("page_size", page_size, minimum=1)
+    _check_int("max_num_slices", max_num_slices, minimum=0)
+    if num_rows is not None:
+        _check_int("num_rows", num_rows, minimum=1)
+    if not isinstance(slot_mapping, torch.Tensor):
+        raise TypeError(f"slot_mapping must be a torch.Tensor, got {type(slot_mapping).__name__}")
+    _jk_slots.check_slot_mapping_static(tuple(slot_mapping.shape), slot_mapping.dtype)
+    on_cpu = slot_mapping.device.type == "cpu"
+    if on_cpu:
+        _jk_slots.check_slot_mapping_values(slot_mapping.numpy(), num_rows=num_rows)
+
+    device = slot_mapping.device
+    int32 = torch.int32
+    num_tokens = slot_mapping.shape[0]
+    if num_tokens == 0:
+        return (
+            torch.zeros((3, max_num_slices), dtype=int32, device=device),
+            torch.zeros((1,), dtype=int32, device=device),
+        )
+    slot = slot_mapping.to(int32)  # i32[T]
+    valid = slot >= 0  # bool[T]
+    prev = torch.cat([torch.full((1,), -1, dtype=int32, device=device), slot[:-1]])  # i32[T]
+    # Token t extends token t-1's slice: both real, the next row, and not the first row of a page.
+    continues = valid & (prev >= 0) & (slot == prev + 1) & (slot % page_size != 0)  # bool[T]
+    starts = valid & ~continues  # bool[T]
+    ends = valid & ~torch.cat([continues[1:], torch.zeros((1,), dtype=torch.bool, device=device)])  # bool[T]
+    slice_id = torch.cumsum(starts.to(int32), dim=0, dtype=int32) - 1  # i32[T]
+    total = slice_id[-1:] + 1  # i32[1]
+    token = torch.arange(num_tokens, dtype=int32, device=device)  # i32[T]
+    # Column of each slice's first / last token; everything else goes to a dump column S, dropped below.
+    first_col = torch.where(starts, torch.clamp(slice_id, max=max_num_slices), max_num_slices)  # i32[T]
+    last_col = torch.where(ends, torch.clamp(slice_id, max=max_num_slices), max_num_slices)  # i32[T]
+    dump = torch.zeros((max_num_slices + 1,), dtype=int32, device=device)  # i32[S + 1]
+    first = dump.scatter(0, first_col.to(torch.int64), token)[:max_num_slices]  # i32[S]
+    last = dump.scatter(0, last_col.to(torch.int64), token)[:max_num_slices]  # i32[S]
+    live = torch.arange(max_num_slices, dtype=int32, device=device) < total  # bool[S]
+    columns = torch.stack([slot[first], first, last - first + 1])  # i32[3, S]
+    slice_indices = torch.where(live[None, :], columns, torch.zeros_like(columns))  # i32[3, S]
+
+    if on_cpu:
+        _jk_slots.check_num_slices(int(total[0]), max_num_slices, num_tokens)
+    return slice_indices, total
+
+
+def slice_indices_from_ragged_metadata(
+    page_indices: torch.Tensor,  # int[max_num_seqs * pages_per_seq]
+    cu_q_lens: torch.Tensor,  # int[max_num_seqs + 1]
+    kv_lens: torch.Tensor,  # int[max_num_seqs]
+    num_seqs: torch.Tensor,  # int[1]
+    *,
+    page_size: int,
+    pages_per_seq: int,
+    max_num_slices: int,
+    num_pages: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (i32[3, max_num_slices], i32[1])
+    """Slice indices from tpu-inference's ragged-paged-attention metadata.
+
+    Request ``i < num_seqs[0]`` owns rows ``[cu_q_lens[i], cu_q_lens[i+1])`` of
+    ``new_kv_tokens``, at positions ``kv_lens[i] - q_len ... kv_lens[i] - 1``;
+    its logical page ``p`` is physical page ``page_indices[i * pages_per_seq +
+    p]``. One slice per (request, touched page); remaining columns zero.
+    Returns int32 tensors on the inputs' device. See
+    ``jax_kernels.slice_indices_from_ragged_metadata`` for the arrays' meaning
+    in tpu-inference and the checks, which run on every call for shapes and
+    dtypes and, for CPU tensors, on the values; off CPU nothing is read back
+    and ``total_update_slices`` holds the true count.
+    """
+    _check_int("page_size", page_size, minimum=1)
+    _check_int("pages_per_seq", pages_per_seq, minimum=1)
+    _check_int("max_num_slices", max_num_slices, minimum=0)
+    if num_pages is not None:
+        _check_int("num_pages", num_pages, minimum=1)
+    named = (("page_indices", page_indices), ("cu_q_lens", cu_q_lens), ("kv_lens", kv_lens), ("num_seqs", num_seqs))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _jk_ragged.check_ragged_metadata_static(
+        [tuple(t.shape) for _, t in named], [t.dtype for _, t in named], pages_per_seq=pages_per_seq
+    )
+    devices = {t.device for _, t in named}
+    if len(devices) != 1:
+        raise ValueError(
+            f"page_indices, cu_q_lens, kv_lens and num_seqs must be on one device, got {sorted(map(str, devices))}"
+        )
+    device = page_indices.device
+    on_cpu = device.type == "cpu"
+    if on_cpu:
+        _jk_ragged.check_ragged_metadata_values(
+            *(t.numpy() for _, t in named), page_size=page_size, pages_per_seq=pages_per_seq, num_pages=num_pages
+        )
+
+    int32 = torch.int32
+    table = page_indices.to(int32).reshape(-1, pages_per_seq)  # i32[N, pages_per_seq]
+    cu = cu_q_lens.to(int32)  # i32[N + 1]
+    live = torch.arange(table.shape[0], dtype=int32, device=device) < num_seqs.to(int32)[0]  # bool[N]
+    q_lens = torch.where(live, cu[1:] - cu[:-1], 0)  # i32[N]
+    starts = torch.where(live, kv_lens.to(int32) - q_lens, 0)  # i32[N]
+    indices, total = _block_table_slices(
+        table, starts, q_lens, page_size=page_size, max_num_slices=max_num_slices
+    )  # i32[3, S], i32[1]; sources count from 0
+    used = torch.arange(max_num_slices, dtype=int32, device=device) < total  # bool[S]
+    offset = torch.where(used, cu[0], 0)  # i32[S]: the first request's query row
+    indices = torch.cat([indices[:1], indices[1:2] + offset, indices[2:]])  # i32[3, S]
+
+    if on_cpu:
+        _jk_ragged.check_num_slices(int(total[0]), max_num_slices)
+    return indices, total

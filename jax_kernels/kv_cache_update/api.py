@@ -11,80 +11,101 @@ from __future__ import annotations
 import functools
 
 import jax
-import numpy as np
 
-from .._utils import is_on_host, is_traced
-from .fallbacks import _kv_cache_update_scatter
-from .kernel import INTERPRETER_LOCK, kv_cache_update_pallas
-from .validation import dynamic_validate_inputs, static_validate_inputs, tpu_kernel_problem
+from .._utils import is_traced
+from .fallbacks import scatter_update
+from .kernel import INTERPRETER_LOCK, pallas_update
+from .prepare import KV_NAMES, prepare, tpu_problem
+from .validation import NAMES
 
 
 @functools.partial(jax.jit, static_argnames=("page_size", "slices_per_processing_page", "use_kernel"))
-def _kv_cache_update_auto(
-    new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices, *, page_size, slices_per_processing_page, use_kernel
-):
-    fallback = functools.partial(_kv_cache_update_scatter, page_size=page_size)
+def _update_auto(tokens, slice_indices, caches, total_update_slices, *, page_size, slices_per_processing_page, use_kernel):
+    fallback = functools.partial(scatter_update, page_size=page_size)
     if not use_kernel:
-        return fallback(new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices)
-    kernel = functools.partial(
-        kv_cache_update_pallas, page_size=page_size, slices_per_processing_page=slices_per_processing_page
-    )
-    return jax.lax.platform_dependent(
-        new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices, tpu=kernel, default=fallback
-    )
+        return fallback(tokens, slice_indices, caches, total_update_slices)
+    kernel = functools.partial(pallas_update, page_size=page_size, slices_per_processing_page=slices_per_processing_page)
+    return jax.lax.platform_dependent(tokens, slice_indices, caches, total_update_slices, tpu=kernel, default=fallback)
 
 
-def check_slice_data(new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices, *, page_size, validate):
-    """``dynamic_validate_inputs`` as ``validate`` asks: ``None`` — when the
-    metadata is concrete and on the host; ``True`` — always (fetching device
-    metadata); ``False`` — never."""
-    if validate is None:
-        validate = not is_traced(slice_indices, total_update_slices) and (
-            is_on_host(slice_indices) and is_on_host(total_update_slices)
+def update(
+    tokens,  # tuple of [T, *row_i]
+    slice_indices,  # int[3, S]
+    caches,  # tuple of caches holding rows row_i
+    total_update_slices,  # int[1]
+    *,
+    page_size: int,
+    slices_per_processing_page: int,
+    interpret,
+    validate,
+    page_shard_index,
+    names,
+):  # -> tuple of updated caches
+    """``kv_cache_update`` on one or more (tokens, cache) pairs sharing the slices."""
+    kernel_wanted = interpret is not False and interpret is not None
+    idx = prepare(
+        tokens, slice_indices, caches, total_update_slices, page_size=page_size,
+        slices_per_processing_page=slices_per_processing_page, for_tpu_kernel=kernel_wanted, validate=validate,
+        page_shard_index=page_shard_index, names=names,
+    )
+    if kernel_wanted:
+        run = functools.partial(
+            pallas_update, tuple(tokens), idx, tuple(caches), total_update_slices, page_size=page_size,
+            slices_per_processing_page=slices_per_processing_page, interpret=interpret,
         )
-    if not validate:
-        return
-    if is_traced(slice_indices, total_update_slices):
-        raise ValueError("validate=True needs concrete slice metadata, not values traced inside jit")
-    dynamic_validate_inputs(
-        new_kv_tokens, np.asarray(slice_indices), kv_cache_pages, np.asarray(total_update_slices), page_size=page_size
+        if is_traced(*tokens, idx, *caches, total_update_slices):
+            return run()
+        with INTERPRETER_LOCK:  # the interpreter is not thread-safe
+            return jax.block_until_ready(run())
+    use_kernel = tpu_problem(tokens, caches, page_size=page_size, slices_per_processing_page=slices_per_processing_page) is None
+    return _update_auto(
+        tuple(tokens), idx, tuple(caches), total_update_slices, page_size=page_size,
+        slices_per_processing_page=slices_per_processing_page, use_kernel=use_kernel,
     )
 
 
 def kv_cache_update(
-    new_kv_tokens,  # [T, H, D]
+    new_kv_tokens,  # [T, *row]: row [H, D] (H = combined K+V heads) or packed [H', pack, D']
     slice_indices,  # int[3, S]: rows (dst row in cache, src row in new_kv_tokens, len)
-    kv_cache_pages,  # [P * page_size, H, D]
+    kv_cache_pages,  # [P * page_size, *row] or [P, page_size, *row]
     total_update_slices,  # int[1]
     *,
     page_size: int = 32,
     slices_per_processing_page: int = 8,
     interpret=False,
     validate: bool | None = None,
+    page_shard_index=None,
 ):
     """Write token rows into a paged KV cache; return the updated cache.
 
     For each of the first ``total_update_slices[0]`` columns ``(dst, src, len)``
-    of ``slice_indices``: ``cache[dst:dst+len] = new_kv_tokens[src:src+len]``.
-    The remaining columns are padding and are never read. ``H`` is the
-    combined K+V head count (see ``bridge.layouts`` for the interleaving).
+    of ``slice_indices``: ``rows[dst:dst+len] = new_kv_tokens[src:src+len]``,
+    where ``rows`` is the cache as ``[num_pages * page_size, *row]``. The
+    remaining columns are padding and are never read.
+
+    Layouts (``jax_kernels.layouts``): a row is what one token stores —
+    ``[H, D]`` (combined K+V heads k0, v0, k1, v1, ..., or one of separate K
+    and V caches) or packed ``[H', pack, D']`` (tpu-inference's RPA v3 cache,
+    ``pack = 32 // bits``). The cache is flat ``[P * page_size, *row]`` or paged
+    ``[P, page_size, *row]``; the result has the cache's shape.
 
     Implementation, chosen by the platform the computation is lowered for:
 
     * TPU: the Pallas kernel (async DMAs through VMEM, cache aliased in place —
       pass the cache through a ``jax.jit(..., donate_argnums=...)`` to update
-      it without a copy). Needs ``head_dim % 128 == 0`` and a staging buffer
-      ``slices_per_processing_page * page_size * H * D`` within 16 MiB; when
-      these do not hold, the fallback below runs on TPU too.
+      it without a copy). Needs the row's last dim (``head_dim``, padded to 128
+      in the packed layout) a multiple of 128 and a staging buffer
+      ``slices_per_processing_page * page_size * row bytes`` within 16 MiB;
+      when these do not hold, the fallback below runs on TPU too.
     * Elsewhere: :func:`kv_cache_update_scatter`, the fastest correct JAX path.
     * ``interpret=True`` (or a ``pltpu.InterpretParams``): the Pallas kernel's
       own code in the TPU interpreter, on any backend. Slow; for testing.
 
     Args:
-      new_kv_tokens: ``[num_tokens, num_combined_kv_heads, head_dim]``.
+      new_kv_tokens: ``[num_tokens, *row]``.
       slice_indices: integer ``[3, num_slices]``.
-      kv_cache_pages: ``[num_pages * page_size, num_combined_kv_heads, head_dim]``,
-        same dtype as ``new_kv_tokens``.
+      kv_cache_pages: ``[num_pages * page_size, *row]`` or ``[num_pages,
+        page_size, *row]``, same dtype as ``new_kv_tokens``.
       total_update_slices: integer ``[1]``, ``0 <= total <= num_slices``.
       page_size: rows per page; every slice is at most this long. Static.
       slices_per_processing_page: slices per kernel grid step. Static. Any
@@ -95,51 +116,46 @@ def kv_cache_update(
         total). ``None`` (default): check whenever the metadata is concrete and
         on the host (numpy, CPU arrays); never inside ``jit``. ``True``: also
         fetch device metadata to check (a device→host sync). ``False``: skip.
+      page_shard_index: EasyDeL 0.3's argument, for a cache whose pages are
+        sharded over devices (a data-parallel axis): this call holds shard
+        ``i``'s pages, rows ``[i * R, (i + 1) * R)`` of the whole cache, and
+        ``slice_indices`` names rows of the whole cache; slices (or the parts
+        of them) outside this shard are skipped. An int or a traced int32
+        (``jax.lax.axis_index``). ``None`` (default) = unsharded, the same as
+        EasyDeL's default ``0`` for valid slices.
 
     Returns:
       The updated cache, same shape and dtype as ``kv_cache_pages``.
     """
-    kernel_wanted = interpret is not False and interpret is not None
-    static_validate_inputs(
-        new_kv_tokens,
-        slice_indices,
-        kv_cache_pages,
-        total_update_slices,
-        page_size=page_size,
-        slices_per_processing_page=slices_per_processing_page,
-        for_tpu_kernel=kernel_wanted,
-    )
-    check_slice_data(new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices, page_size=page_size, validate=validate)
-    if kernel_wanted:
-        run = functools.partial(
-            kv_cache_update_pallas,
-            new_kv_tokens,
-            slice_indices,
-            kv_cache_pages,
-            total_update_slices,
-            page_size=page_size,
-            slices_per_processing_page=slices_per_processing_page,
-            interpret=interpret,
-        )
-        if is_traced(new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices):
-            return run()
-        with INTERPRETER_LOCK:  # the interpreter is not thread-safe
-            return jax.block_until_ready(run())
-    use_kernel = (
-        tpu_kernel_problem(
-            kv_cache_pages.shape,
-            kv_cache_pages.dtype,
-            page_size=page_size,
-            slices_per_processing_page=slices_per_processing_page,
-        )
-        is None
-    )
-    return _kv_cache_update_auto(
-        new_kv_tokens,
-        slice_indices,
-        kv_cache_pages,
-        total_update_slices,
-        page_size=page_size,
-        slices_per_processing_page=slices_per_processing_page,
-        use_kernel=use_kernel,
+    return update(
+        (new_kv_tokens,), slice_indices, (kv_cache_pages,), total_update_slices, page_size=page_size,
+        slices_per_processing_page=slices_per_processing_page, interpret=interpret, validate=validate,
+        page_shard_index=page_shard_index, names=(NAMES,),
+    )[0]
+
+
+def kv_cache_update_kv(
+    key,  # [T, *row_k]: row [kvH, D] or packed
+    value,  # [T, *row_v]
+    slice_indices,  # int[3, S]
+    k_cache,  # [P * page_size, *row_k] or [P, page_size, *row_k]
+    v_cache,  # [P * page_size, *row_v] or [P, page_size, *row_v]
+    total_update_slices,  # int[1]
+    *,
+    page_size: int = 32,
+    slices_per_processing_page: int = 8,
+    interpret=False,
+    validate: bool | None = None,
+    page_shard_index=None,
+):  # -> (k_cache, v_cache)
+    """:func:`kv_cache_update` for separate K and V caches with the same slices:
+    returns the updated ``(k_cache, v_cache)``. On TPU one kernel launch writes
+    both (a staging buffer each; the VMEM rule counts both rows); elsewhere
+    one scatter each, from row indices computed once. ``key``/``value`` must
+    have the same number of tokens and ``k_cache``/``v_cache`` the same number
+    of rows; their rows (heads, head_dim, dtype) may differ."""
+    return update(
+        (key, value), slice_indices, (k_cache, v_cache), total_update_slices, page_size=page_size,
+        slices_per_processing_page=slices_per_processing_page, interpret=interpret, validate=validate,
+        page_shard_index=page_shard_index, names=KV_NAMES,
     )

@@ -21,12 +21,19 @@ import jax
 import jax.numpy as jnp
 
 from .._utils import cdiv
-from .validation import static_validate_inputs
+from .prepare import prepare
 
 
 def _num_valid_slices(total_update_slices, num_slices: int):
     # i32[]: the count of slices to apply, clipped to what exists.
     return jnp.clip(jnp.asarray(total_update_slices).reshape(-1)[0].astype(jnp.int32), 0, num_slices)
+
+
+def flat_rows(cache, tokens):
+    """``cache`` (flat ``[R, *row]`` or paged ``[P, page_size, *row]``) as its
+    ``[R, *row]`` rows, ``row = tokens.shape[1:]``: a reshape of the leading
+    dims only, which XLA makes a bitcast (free, TPU tiling included)."""
+    return cache.reshape(-1, *tokens.shape[1:])
 
 
 # --------------------------------------------------------------------------- scan
@@ -41,58 +48,72 @@ def _scan_update_one_slice(cache, padded_new, dst, src, length, *, window: int):
     and the mask and the source offset are shifted by the same amount, so every
     offset of every page lands right.
     """
-    num_rows, heads, head_dim = cache.shape
+    num_rows, *row = cache.shape
+    zeros = (0,) * len(row)
     w0 = jnp.clip(dst, 0, num_rows - window)  # i32[]: where the window really starts
     shift = dst - w0  # i32[]: 0, except near the end of the cache
     # padded_new has `window` zero rows on both sides, so src - shift + window >= 0.
-    new_win = jax.lax.dynamic_slice(padded_new, (src - shift + window, 0, 0), (window, heads, head_dim))
-    cur_win = jax.lax.dynamic_slice(cache, (w0, 0, 0), (window, heads, head_dim))
-    rows = jnp.arange(window, dtype=jnp.int32)[:, None, None]  # i32[window, 1, 1]
+    new_win = jax.lax.dynamic_slice(padded_new, (src - shift + window, *zeros), (window, *row))
+    cur_win = jax.lax.dynamic_slice(cache, (w0, *zeros), (window, *row))
+    rows = jnp.arange(window, dtype=jnp.int32).reshape(window, *(1 for _ in row))  # i32[window, 1, ...]
     mask = (rows >= shift) & (rows < shift + length)
-    return jax.lax.dynamic_update_slice(cache, jnp.where(mask, new_win, cur_win), (w0, 0, 0))
+    return jax.lax.dynamic_update_slice(cache, jnp.where(mask, new_win, cur_win), (w0, *zeros))
 
 
 @functools.partial(jax.jit, static_argnames=("page_size",))
-def _kv_cache_update_scan(new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices, *, page_size):
-    num_rows = kv_cache_pages.shape[0]
+def scan_update(
+    tokens,  # tuple of [T, *row_i]
+    slice_indices,  # int[3, S]
+    caches,  # tuple of [R, *row_i] or [P, page_size, *row_i]
+    total_update_slices,  # int[1]
+    *,
+    page_size,
+):  # -> tuple of caches, same shapes
+    """The scan fallback on one or more (tokens, cache) pairs sharing the slices."""
+    rows = [flat_rows(c, t) for t, c in zip(tokens, caches)]
+    num_rows = rows[0].shape[0]
     if num_rows == 0:
-        return kv_cache_pages
+        return tuple(caches)
     window = min(page_size, num_rows)
     idx = slice_indices.astype(jnp.int32)  # i32[3, S]
     num_valid = _num_valid_slices(total_update_slices, idx.shape[1])
-    # [T + 2*window, H, D]: zero rows around the tokens keep every window in range.
-    padded_new = jnp.pad(new_kv_tokens, [(window, window), (0, 0), (0, 0)])
+    # [T + 2*window, *row]: zero rows around the tokens keep every window in range.
+    padded = [jnp.pad(t, [(window, window)] + [(0, 0)] * (t.ndim - 1)) for t in tokens]
 
-    def step(cache, s):
+    def step(carry, s):
         # Padding slices (s >= num_valid) get length 0: the window is written
         # back unchanged. (A lax.cond here would make XLA copy the cache.)
         length = jnp.where(s < num_valid, idx[2, s], 0)
-        return _scan_update_one_slice(cache, padded_new, idx[0, s], idx[1, s], length, window=window), None
+        return tuple(
+            _scan_update_one_slice(c, p, idx[0, s], idx[1, s], length, window=window) for c, p in zip(carry, padded)
+        ), None
 
     slice_ids = jnp.arange(idx.shape[1], dtype=jnp.int32)  # i32[S]
-    return jax.lax.scan(step, kv_cache_pages, slice_ids)[0]
+    out = jax.lax.scan(step, tuple(rows), slice_ids)[0]
+    return tuple(o.reshape(c.shape) for o, c in zip(out, caches))
 
 
 def kv_cache_update_jax(
-    new_kv_tokens,  # [T, H, D]
+    new_kv_tokens,  # [T, *row]
     slice_indices,  # int[3, S]
-    kv_cache_pages,  # [P * page_size, H, D]
+    kv_cache_pages,  # [P * page_size, *row] or [P, page_size, *row]
     total_update_slices,  # int[1]
     *,
     page_size: int = 32,
+    page_shard_index=None,
 ):
     """The ``lax.scan`` fallback: one masked page-sized window update per slice.
 
-    Same contract as :func:`jax_kernels.kv_cache_update`. Cost grows with the
-    number of slices (padding included) times ``page_size``; prefer
-    :func:`kv_cache_update_scatter`, which ``kv_cache_update`` uses off TPU.
+    Same contract as :func:`jax_kernels.kv_cache_update` (every layout, and
+    ``page_shard_index``). Cost grows with the number of slices (padding
+    included) times ``page_size``; prefer :func:`kv_cache_update_scatter`,
+    which ``kv_cache_update`` uses off TPU.
     """
-    static_validate_inputs(
-        new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices, page_size=page_size
+    idx = prepare(
+        (new_kv_tokens,), slice_indices, (kv_cache_pages,), total_update_slices, page_size=page_size,
+        validate=False, page_shard_index=page_shard_index,
     )
-    return _kv_cache_update_scan(
-        new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices, page_size=page_size
-    )
+    return scan_update((new_kv_tokens,), idx, (kv_cache_pages,), total_update_slices, page_size=page_size)[0]
 
 
 # ------------------------------------------------------------------------ scatter
@@ -110,20 +131,30 @@ def _packed_rows(idx, lengths, first, count: int, num_rows: int):
 
 
 @functools.partial(jax.jit, static_argnames=("page_size",))
-def _kv_cache_update_scatter(new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices, *, page_size):
+def scatter_update(
+    tokens,  # tuple of [T, *row_i]
+    slice_indices,  # int[3, S]
+    caches,  # tuple of [R, *row_i] or [P, page_size, *row_i]
+    total_update_slices,  # int[1]
+    *,
+    page_size,
+):  # -> tuple of caches, same shapes
+    """The scatter fallback on one or more (tokens, cache) pairs sharing the
+    slices: the row indices are computed once and every pair is scattered."""
     del page_size  # lengths are validated against it; the scatter does not need it
-    num_rows = kv_cache_pages.shape[0]
-    num_tokens = new_kv_tokens.shape[0]
+    rows = [flat_rows(c, t) for t, c in zip(tokens, caches)]
+    num_rows = rows[0].shape[0]
+    num_tokens = tokens[0].shape[0]
     idx = slice_indices.astype(jnp.int32)  # i32[3, S]
     num_slices = idx.shape[1]
     if num_slices == 0 or num_rows == 0 or num_tokens == 0:
-        return kv_cache_pages  # nothing can be written (a valid slice needs src + len <= T)
+        return tuple(caches)  # nothing can be written (a valid slice needs src + len <= T)
     num_valid = _num_valid_slices(total_update_slices, num_slices)
     lengths = jnp.where(jnp.arange(num_slices) < num_valid, idx[2], 0)  # i32[S]
     total_rows = jnp.sum(lengths)  # i32[]
 
     # Pass 1: send every token row to the cache row that names it, scattering
-    # straight from new_kv_tokens (no gather of the sources: measured 3x
+    # straight from the tokens (no gather of the sources: measured 3x
     # faster for a decode step on XLA:CPU). It covers the first num_tokens
     # packed rows, which is all of them unless sources overlap.
     dst, src = _packed_rows(idx, lengths, 0, num_tokens, num_rows)  # i32[T] each
@@ -132,40 +163,42 @@ def _kv_cache_update_scatter(new_kv_tokens, slice_indices, kv_cache_pages, total
     dst_of_token = jnp.full((num_tokens,), num_rows, jnp.int32).at[src].set(dst, mode="drop")  # i32[T]
     # A token row two slices read keeps one destination; the others are redone below.
     lost = live & (dst_of_token[jnp.minimum(src, num_tokens - 1)] != dst)  # bool[T]
-    cache = kv_cache_pages.at[dst_of_token].set(new_kv_tokens, mode="drop")
+    out = tuple(r.at[dst_of_token].set(t, mode="drop") for r, t in zip(rows, tokens))
 
     # Pass 2, only when sources overlap (a loop that runs zero times otherwise;
     # a lax.cond would make XLA copy the cache): every packed row, gathered,
     # num_tokens rows at a time. Rows pass 1 wrote are written again with the
     # same values.
-    def chunk(c, cache):
+    def chunk(c, out):
         dst, src = _packed_rows(idx, lengths, c * num_tokens, num_tokens, num_rows)
         # dst == num_rows marks padding rows: mode="drop" skips them.
-        return cache.at[dst].set(new_kv_tokens[src], mode="drop")
+        return tuple(r.at[dst].set(t[src], mode="drop") for r, t in zip(out, tokens))
 
     redo = (total_rows > num_tokens) | jnp.any(lost)
-    return jax.lax.fori_loop(0, jnp.where(redo, cdiv(total_rows, num_tokens), 0), chunk, cache)
+    out = jax.lax.fori_loop(0, jnp.where(redo, cdiv(total_rows, num_tokens), 0), chunk, out)
+    return tuple(o.reshape(c.shape) for o, c in zip(out, caches))
 
 
 def kv_cache_update_scatter(
-    new_kv_tokens,  # [T, H, D]
+    new_kv_tokens,  # [T, *row]
     slice_indices,  # int[3, S]
-    kv_cache_pages,  # [P * page_size, H, D]
+    kv_cache_pages,  # [P * page_size, *row] or [P, page_size, *row]
     total_update_slices,  # int[1]
     *,
     page_size: int = 32,
+    page_shard_index=None,
 ):
     """The fast fallback: scatter the token rows into the cache rows that name them.
 
-    Same contract as :func:`jax_kernels.kv_cache_update`. It moves only the
-    rows the valid slices name: one scatter straight from ``new_kv_tokens``
-    when no token row is read by two slices (block-table layouts), else a
-    gather and scatter of the packed rows, ``num_tokens`` at a time. Its cost
-    does not depend on the cache size when the cache is donated.
+    Same contract as :func:`jax_kernels.kv_cache_update` (every layout, and
+    ``page_shard_index``). It moves only the rows the valid slices name: one
+    scatter straight from ``new_kv_tokens`` when no token row is read by two
+    slices (block-table layouts), else a gather and scatter of the packed rows,
+    ``num_tokens`` at a time. Its cost does not depend on the cache size when
+    the cache is donated.
     """
-    static_validate_inputs(
-        new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices, page_size=page_size
+    idx = prepare(
+        (new_kv_tokens,), slice_indices, (kv_cache_pages,), total_update_slices, page_size=page_size,
+        validate=False, page_shard_index=page_shard_index,
     )
-    return _kv_cache_update_scatter(
-        new_kv_tokens, slice_indices, kv_cache_pages, total_update_slices, page_size=page_size
-    )
+    return scatter_update((new_kv_tokens,), idx, (kv_cache_pages,), total_update_slices, page_size=page_size)[0]

@@ -23,6 +23,12 @@ TPU_LANE_WIDTH = 128
 TPU_VMEM_SCRATCH_LIMIT_BYTES = 16 * 1024 * 1024
 
 
+#: The argument names of ``kv_cache_update``, in order; callers with other
+#: names (the torch op's ``kv_cache``, ``kv_cache_update_kv``'s ``key``/``k_cache``)
+#: pass their own so that errors name what *they* were given.
+NAMES = ("new_kv_tokens", "slice_indices", "kv_cache_pages", "total_update_slices")
+
+
 def _shape(x) -> tuple[int, ...]:
     return tuple(int(d) for d in np.shape(x))
 
@@ -39,70 +45,93 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name}={value} must be positive")
 
 
+def cache_rows(new_shape, cache_shape, *, page_size: int, names=NAMES) -> tuple[int, tuple[int, ...]]:
+    """``(num_rows, row)``: how a cache of ``cache_shape`` holds rows of the
+    tokens' per-row shape ``row = new_shape[1:]``, or a ValueError naming the
+    argument. Rows are ``[H, D]`` (combined heads, separate K or V) or
+    ``[H', pack, D']`` (packed); the cache is flat ``[R, *row]`` or paged
+    ``[P, page_size, *row]``."""
+    tok_name, _, cache_name, _ = names
+    if len(new_shape) not in (3, 4):
+        raise ValueError(
+            f"{tok_name} must be [num_tokens, heads, head_dim] or packed [num_tokens, heads // pack, "
+            f"pack, head_dim], got shape {new_shape}"
+        )
+    row = new_shape[1:]
+    kind = "" if len(row) == 2 else "packed "
+    if len(cache_shape) not in (len(row) + 1, len(row) + 2):
+        raise ValueError(
+            f"{cache_name} must be {kind}flat [num_pages * page_size, *{row}] or {kind}paged "
+            f"[num_pages, page_size, *{row}] to hold rows of {tok_name} (shape {new_shape}), "
+            f"got shape {cache_shape}"
+        )
+    if cache_shape[len(cache_shape) - len(row):] != row:
+        raise ValueError(
+            f"{tok_name} rows {row} do not match {cache_name} rows "
+            f"{cache_shape[len(cache_shape) - len(row):]} "
+            f"({tok_name}.shape={new_shape}, {cache_name}.shape={cache_shape})"
+        )
+    if len(cache_shape) == len(row) + 2:
+        if cache_shape[1] != page_size:
+            raise ValueError(f"paged {cache_name}.shape[1]={cache_shape[1]} must equal {page_size=}")
+        return cache_shape[0] * page_size, row
+    if cache_shape[0] % page_size:
+        raise ValueError(f"{cache_name}.shape[0]={cache_shape[0]} is not a multiple of {page_size=}")
+    return cache_shape[0], row
+
+
 def static_validate_inputs(
-    new_kv_tokens,  # [T, H, D]
+    new_kv_tokens,  # [T, *row]: row [H, D] or packed [H', pack, D']
     slice_indices,  # int[3, S]
-    kv_cache_pages,  # [P * page_size, H, D]
+    kv_cache_pages,  # [R, *row] or [P, page_size, *row]
     total_update_slices,  # int[1]
     *,
     page_size: int,
     slices_per_processing_page: int | None = None,
     for_tpu_kernel: bool = False,
+    names: tuple[str, str, str, str] = NAMES,
 ) -> None:
     """Check ranks, shapes, dtypes and static config. Raises ValueError/TypeError.
 
+    The cache holds rows of the tokens' per-row shape (see :func:`cache_rows`);
+    a packed row ``[H', pack, D']`` must have ``pack == 32 // bits(dtype)``.
     ``for_tpu_kernel=True`` adds the Pallas kernel's own rules
-    (``head_dim % 128 == 0`` and the VMEM staging budget).
+    (``head_dim % 128 == 0`` and the VMEM staging budget). ``names``: the
+    argument names errors use, in this order.
     """
+    tok_name, idx_name, cache_name, total_name = names
     _check_positive_int("page_size", page_size)
     if slices_per_processing_page is not None:
         _check_positive_int("slices_per_processing_page", slices_per_processing_page)
 
     new_shape = _shape(new_kv_tokens)
-    cache_shape = _shape(kv_cache_pages)
     idx_shape = _shape(slice_indices)
     total_shape = _shape(total_update_slices)
-    if len(new_shape) != 3:
-        raise ValueError(
-            f"new_kv_tokens must be [num_tokens, num_combined_kv_heads, head_dim], "
-            f"got shape {new_shape}"
-        )
-    if len(cache_shape) != 3:
-        raise ValueError(
-            f"kv_cache_pages must be [num_pages * page_size, num_combined_kv_heads, "
-            f"head_dim], got shape {cache_shape}"
-        )
+    _, row = cache_rows(new_shape, _shape(kv_cache_pages), page_size=page_size, names=names)
     if len(idx_shape) != 2 or idx_shape[0] != 3:
-        raise ValueError(f"slice_indices must be [3, num_slices], got shape {idx_shape}")
+        raise ValueError(f"{idx_name} must be [3, num_slices], got shape {idx_shape}")
     if int(np.prod(total_shape, dtype=np.int64)) != 1 or len(total_shape) > 1:
-        raise ValueError(
-            f"total_update_slices must hold one integer (shape [1]), got shape {total_shape}"
-        )
-    if new_shape[1:] != cache_shape[1:]:
-        raise ValueError(
-            f"new_kv_tokens heads/head_dim {new_shape[1:]} do not match "
-            f"kv_cache_pages heads/head_dim {cache_shape[1:]} "
-            f"(new_kv_tokens.shape={new_shape}, kv_cache_pages.shape={cache_shape})"
-        )
-    if cache_shape[0] % page_size:
-        raise ValueError(
-            f"kv_cache_pages.shape[0]={cache_shape[0]} is not a multiple of {page_size=}"
-        )
+        raise ValueError(f"{total_name} must hold one integer (shape [1]), got shape {total_shape}")
 
-    for name, x in (("slice_indices", slice_indices), ("total_update_slices", total_update_slices)):
+    for name, x in ((idx_name, slice_indices), (total_name, total_update_slices)):
         if not np.issubdtype(_dtype(x), np.integer):
             raise TypeError(f"{name} must have an integer dtype, got {_dtype(x)}")
     if _dtype(new_kv_tokens) != _dtype(kv_cache_pages):
         raise TypeError(
-            f"new_kv_tokens.dtype={_dtype(new_kv_tokens)} must equal "
-            f"kv_cache_pages.dtype={_dtype(kv_cache_pages)}"
+            f"{tok_name}.dtype={_dtype(new_kv_tokens)} must equal {cache_name}.dtype={_dtype(kv_cache_pages)}"
         )
+    if len(row) == 3:
+        bits = _dtype(kv_cache_pages).itemsize * 8
+        if bits > 32 or row[1] != 32 // bits:
+            raise ValueError(
+                f"{cache_name} is packed [.., heads // pack, pack={row[1]}, head_dim] but a "
+                f"{_dtype(kv_cache_pages)} cache packs {32 // bits if bits <= 32 else 'no'} values per "
+                f"32-bit word (shape {_shape(kv_cache_pages)}); see jax_kernels.kv_cache_shape"
+            )
 
     if for_tpu_kernel:
-        problem = tpu_kernel_problem(
-            cache_shape,
-            _dtype(kv_cache_pages),
-            page_size=page_size,
+        problem = kernel_problem(
+            [(row, _dtype(kv_cache_pages))], page_size=page_size,
             slices_per_processing_page=slices_per_processing_page or 1,
         )
         if problem:
@@ -110,65 +139,92 @@ def static_validate_inputs(
 
 
 def tpu_kernel_problem(
-    cache_shape, dtype, *, page_size: int, slices_per_processing_page: int
+    cache_shape, dtype, *, page_size: int, slices_per_processing_page: int, row_ndim: int | None = None
 ) -> str | None:
-    """Why the Pallas kernel cannot take a cache of this shape/dtype, or None."""
-    _, heads, head_dim = cache_shape
-    if head_dim % TPU_LANE_WIDTH:
-        return (
-            f"{head_dim=} must be a multiple of {TPU_LANE_WIDTH} for the Pallas TPU "
-            f"kernel (TPU lane width); the JAX fallbacks accept any head_dim"
-        )
-    scratch = slices_per_processing_page * page_size * heads * head_dim * np.dtype(dtype).itemsize
+    """Why the Pallas kernel cannot take a cache of this shape/dtype, or None.
+
+    ``row_ndim``: how many trailing dims make a row (2 for ``[H, D]``, 3 for
+    packed ``[H', pack, D']``); by default 2, or 3 for a rank-5 cache."""
+    if row_ndim is None:
+        row_ndim = 3 if len(cache_shape) == 5 else 2
+    row = tuple(cache_shape[len(cache_shape) - row_ndim:])
+    return kernel_problem([(row, dtype)], page_size=page_size, slices_per_processing_page=slices_per_processing_page)
+
+
+def kernel_problem(rows, *, page_size: int, slices_per_processing_page: int) -> str | None:
+    """Why the Pallas kernel cannot update caches with these ``(row shape,
+    dtype)`` rows in one launch (one staging buffer each), or None."""
+    for row, _ in rows:
+        head_dim = row[-1]
+        if head_dim % TPU_LANE_WIDTH:
+            return (
+                f"{head_dim=} must be a multiple of {TPU_LANE_WIDTH} for the Pallas TPU "
+                f"kernel (TPU lane width); the JAX fallbacks accept any head_dim"
+            )
+    row_bytes = sum(int(np.prod(row)) * np.dtype(dtype).itemsize for row, dtype in rows)
+    scratch = slices_per_processing_page * page_size * row_bytes
     if scratch > TPU_VMEM_SCRATCH_LIMIT_BYTES:
         return (
-            f"the kernel's VMEM staging buffer would take {scratch} bytes "
-            f"({slices_per_processing_page=} x {page_size=} x {heads} heads x "
-            f"{head_dim=}); lower slices_per_processing_page to stay under "
-            f"{TPU_VMEM_SCRATCH_LIMIT_BYTES} bytes"
+            f"the kernel's VMEM staging buffers would take {scratch} bytes "
+            f"({slices_per_processing_page=} x {page_size=} x {row_bytes} bytes per row"
+            f"{' over ' + str(len(rows)) + ' caches' if len(rows) > 1 else ''}); lower "
+            f"slices_per_processing_page to stay under {TPU_VMEM_SCRATCH_LIMIT_BYTES} bytes"
         )
     return None
 
 
 def dynamic_validate_inputs(
-    new_kv_tokens,  # [T, H, D] (only its shape is read)
+    new_kv_tokens,  # [T, *row] (only its shape is read)
     slice_indices,  # int[3, S], on the host
-    kv_cache_pages,  # [R, H, D] (only its shape is read)
+    kv_cache_pages,  # [R, *row] or [P, page_size, *row] (only its shape is read)
     total_update_slices,  # int[1], on the host
     *,
     page_size: int,
+    names: tuple[str, str, str, str] = NAMES,
+    page_shard_index=None,
 ) -> None:
     """Check the slice metadata's values. Raises ``ValueError`` naming the slice.
 
     The first ``total_update_slices[0]`` columns of ``slice_indices`` must each
-    satisfy ``0 <= len <= page_size``, ``0 <= dst``, ``dst + len <= R``,
-    ``0 <= src``, ``src + len <= T``, and no two of them may write the same
-    cache row. Padding columns (beyond the total) are never read.
+    satisfy ``0 <= len <= page_size``, ``0 <= dst``, ``dst + len <= R`` (``R``
+    the cache's rows), ``0 <= src``, ``src + len <= T``, and no two of them may
+    write the same cache row. Padding columns (beyond the total) are never read.
+    With a ``page_shard_index`` the destinations are rows of the whole
+    (sharded) cache, so ``dst + len <= R`` is not checked: rows outside this
+    shard's pages are skipped, not errors.
 
     ``slice_indices`` and ``total_update_slices`` must be host data (numpy
     arrays or CPU arrays); reading device arrays forces a device→host sync,
     which is the caller's decision.
     """
+    cache_shape = _shape(kv_cache_pages)
+    row_ndim = len(_shape(new_kv_tokens)) - 1
+    num_rows = int(np.prod(cache_shape[: len(cache_shape) - row_ndim], dtype=np.int64))
     check_slice_columns(
-        slice_columns(slice_indices, total_update_slices),
+        slice_columns(slice_indices, total_update_slices, names=names),
         num_tokens=_shape(new_kv_tokens)[0],
-        num_rows=_shape(kv_cache_pages)[0],
+        num_rows=UNBOUNDED if page_shard_index is not None else num_rows,
         page_size=page_size,
+        names=names,
     )
 
 
-def slice_columns(slice_indices, total_update_slices) -> np.ndarray:
+#: ``num_rows`` for destinations with no upper bound (a page shard's global rows).
+UNBOUNDED = np.iinfo(np.int64).max // 4
+
+
+def slice_columns(slice_indices, total_update_slices, *, names=NAMES) -> np.ndarray:
     """The valid columns ``slice_indices[:, :total]`` as ``i64[3, total]`` (a
     copy), after checking ``0 <= total <= num_slices``. Host data only."""
     idx = np.asarray(slice_indices)  # int[3, S]
     num_slices = idx.shape[1]
     total = int(np.asarray(total_update_slices).reshape(-1)[0])
     if not 0 <= total <= num_slices:
-        raise ValueError(f"total_update_slices={total} must be in [0, num_slices={num_slices}]")
+        raise ValueError(f"{names[3]}={total} must be in [0, num_slices={num_slices}]")
     return idx[:, :total].astype(np.int64)
 
 
-def check_slice_columns(cols: np.ndarray, *, num_tokens: int, num_rows: int, page_size: int) -> None:
+def check_slice_columns(cols: np.ndarray, *, num_tokens: int, num_rows: int, page_size: int, names=NAMES) -> None:
     """The per-slice checks of :func:`dynamic_validate_inputs` on the valid
     columns ``cols`` (``i64[3, total]``, from :func:`slice_columns`).
 
@@ -188,7 +244,9 @@ def check_slice_columns(cols: np.ndarray, *, num_tokens: int, num_rows: int, pag
         ends = cols[:2] + length  # i64[2, total]
         bad = ends[0].max() > num_rows or ends[1].max() > num_tokens
     if bad:
-        _raise_bad_slice(cols, cols[:2] + length, num_tokens=num_tokens, num_rows=num_rows, page_size=page_size)
+        _raise_bad_slice(
+            cols, cols[:2] + length, num_tokens=num_tokens, num_rows=num_rows, page_size=page_size, names=names
+        )
     if total < 2 or len_max == 0:
         return
     if len_min == len_max:  # every slice the same length (decode: 1): sorting the destinations suffices
@@ -202,10 +260,11 @@ def check_slice_columns(cols: np.ndarray, *, num_tokens: int, num_rows: int, pag
             order = live[order]
         if (dst[order[1:]] >= (dst + length)[order[:-1]]).all():
             return
-    _raise_overlap(dst, dst + length, length)
+    _raise_overlap(dst, dst + length, length, names=names)
 
 
-def _raise_bad_slice(cols, ends, *, num_tokens: int, num_rows: int, page_size: int):
+def _raise_bad_slice(cols, ends, *, num_tokens: int, num_rows: int, page_size: int, names):
+    tok_name, idx_name, cache_name, _ = names
     dst, src, length = cols
     bad = (cols.min(axis=0) < 0) | (length > page_size) | (ends[0] > num_rows) | (ends[1] > num_tokens)
     j = int(np.argmax(bad))
@@ -215,19 +274,20 @@ def _raise_bad_slice(cols, ends, *, num_tokens: int, num_rows: int, page_size: i
     elif n > page_size:
         why = f"length {n} exceeds {page_size=}"
     elif d + n > num_rows:
-        why = f"destination rows [{d}, {d + n}) fall outside kv_cache_pages ({num_rows} rows)"
+        why = f"destination rows [{d}, {d + n}) fall outside {cache_name} ({num_rows} rows)"
     else:
-        why = f"source rows [{s}, {s + n}) fall outside new_kv_tokens ({num_tokens} rows)"
-    raise ValueError(f"slice_indices[:, {j}] = (dst={d}, src={s}, len={n}): {why}")
+        why = f"source rows [{s}, {s + n}) fall outside {tok_name} ({num_tokens} rows)"
+    raise ValueError(f"{idx_name}[:, {j}] = (dst={d}, src={s}, len={n}): {why}")
 
 
-def _raise_overlap(dst, end, length):
+def _raise_overlap(dst, end, length, *, names):
+    idx_name = names[1]
     live = np.flatnonzero(length)
     order = live[np.argsort(dst[live], kind="stable")]
     k = int(np.argmax(dst[order[1:]] < end[order[:-1]]))
     a, b = int(order[k]), int(order[k + 1])
     raise ValueError(
-        f"slice_indices[:, {a}] and slice_indices[:, {b}] write overlapping cache "
+        f"{idx_name}[:, {a}] and {idx_name}[:, {b}] write overlapping cache "
         f"rows ([{int(dst[a])}, {int(end[a])}) and [{int(dst[b])}, {int(end[b])})); "
         f"destinations must be disjoint"
     )

@@ -1,0 +1,142 @@
+"""What every entry point does before it moves data: validate, then localize.
+
+One path for every layout, for one cache (``kv_cache_update``) or a K and a V
+cache sharing the slices (``kv_cache_update_kv``), and for a page shard:
+
+1. :func:`static_validate_pairs` — shapes, dtypes, static arguments, at trace
+   time (``validation.static_validate_inputs`` per pair, then that the pairs
+   agree on tokens and rows);
+2. :func:`check_slice_data` — the slice values, on the host, as ``validate`` asks;
+3. :func:`localize_slices` — with ``page_shard_index``, destinations given as
+   rows of the whole cache become rows of this shard (EasyDeL 0.3's meaning).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from .._utils import is_on_host, is_traced
+from .validation import NAMES, cache_rows, dynamic_validate_inputs, kernel_problem, static_validate_inputs
+
+#: Argument names of ``kv_cache_update_kv``'s two pairs.
+KV_NAMES = (
+    ("key", "slice_indices", "k_cache", "total_update_slices"),
+    ("value", "slice_indices", "v_cache", "total_update_slices"),
+)
+
+
+def static_validate_pairs(
+    tokens, slice_indices, caches, total_update_slices, *, page_size, slices_per_processing_page=None,
+    for_tpu_kernel=False, names=(NAMES,),
+) -> None:
+    """:func:`static_validate_inputs` for each ``(tokens[i], caches[i])``; the
+    pairs must have the same number of tokens and of cache rows (their rows
+    may differ: K and V of other widths, other dtypes)."""
+    for t, c, n in zip(tokens, caches, names):
+        static_validate_inputs(
+            t, slice_indices, c, total_update_slices, page_size=page_size,
+            slices_per_processing_page=slices_per_processing_page, names=n,
+        )
+    if len(tokens) > 1:
+        (t0, c0, n0), *rest = zip(tokens, caches, names)
+        rows0 = cache_rows(np.shape(t0), np.shape(c0), page_size=page_size, names=n0)[0]
+        for t, c, n in rest:
+            if np.shape(t)[0] != np.shape(t0)[0]:
+                raise ValueError(f"{n[0]} has {np.shape(t)[0]} tokens but {n0[0]} has {np.shape(t0)[0]}")
+            rows = cache_rows(np.shape(t), np.shape(c), page_size=page_size, names=n)[0]
+            if rows != rows0:
+                raise ValueError(
+                    f"{n[2]} has {rows} rows but {n0[2]} has {rows0} (shapes {np.shape(c)} and {np.shape(c0)})"
+                )
+    if for_tpu_kernel:
+        problem = tpu_problem(tokens, caches, page_size=page_size, slices_per_processing_page=slices_per_processing_page)
+        if problem:
+            raise ValueError(problem)
+
+
+def tpu_problem(tokens, caches, *, page_size, slices_per_processing_page) -> str | None:
+    """Why one Pallas kernel launch cannot update these caches, or None."""
+    rows = [(tuple(np.shape(t)[1:]), np.dtype(c.dtype)) for t, c in zip(tokens, caches)]
+    return kernel_problem(rows, page_size=page_size, slices_per_processing_page=slices_per_processing_page or 1)
+
+
+def check_page_shard_index(page_shard_index, num_rows: int) -> None:
+    """A concrete ``page_shard_index`` must be an integer ``>= 0`` whose rows
+    ``[i * num_rows, (i + 1) * num_rows)`` are int32 row numbers."""
+    if page_shard_index is None or is_traced(page_shard_index):
+        return
+    value = np.asarray(page_shard_index)
+    if value.shape not in ((), (1,)) or not np.issubdtype(value.dtype, np.integer):
+        raise TypeError(f"page_shard_index={page_shard_index!r} must be one integer")
+    shard = int(value.reshape(-1)[0])
+    if shard < 0 or (shard + 1) * num_rows > np.iinfo(np.int32).max:
+        raise ValueError(
+            f"page_shard_index={shard} is out of range: shard rows [{shard} * {num_rows}, "
+            f"{shard + 1} * {num_rows}) must be non-negative int32 row numbers"
+        )
+
+
+def check_slice_data(
+    tokens, slice_indices, caches, total_update_slices, *, page_size, validate, names=(NAMES,), page_shard_index=None
+):
+    """``dynamic_validate_inputs`` as ``validate`` asks: ``None`` — when the
+    metadata is concrete and on the host; ``True`` — always (fetching device
+    metadata); ``False`` — never. The pairs share the slices and the row
+    count, so the first pair decides."""
+    if validate is None:
+        validate = not is_traced(slice_indices, total_update_slices) and (
+            is_on_host(slice_indices) and is_on_host(total_update_slices)
+        )
+    if not validate:
+        return
+    if is_traced(slice_indices, total_update_slices):
+        raise ValueError("validate=True needs concrete slice metadata, not values traced inside jit")
+    dynamic_validate_inputs(
+        tokens[0], np.asarray(slice_indices), caches[0], np.asarray(total_update_slices), page_size=page_size,
+        names=names[0], page_shard_index=page_shard_index,
+    )
+
+
+def localize_slices(
+    slice_indices,  # int[3, S]: dst rows of the whole cache
+    *,
+    num_rows: int,  # rows of this shard
+    page_shard_index,  # int or i32[]: this shard's index
+):  # -> i32[3, S]
+    """Slices whose destinations are rows of the whole page-sharded cache, as
+    slices of shard ``page_shard_index``, which holds rows ``[i * num_rows,
+    (i + 1) * num_rows)``: each slice is clipped to those rows (its source
+    shifted alike) and one that misses them gets length 0. EasyDeL 0.3 keeps a
+    slice whole when its *first* row is local; clipping gives the same result
+    for slices within a page and stays inside the shard for one that crosses
+    into the next shard's pages. Jit-able; padding columns stay padding."""
+    idx = slice_indices.astype(jnp.int32)  # i32[3, S]
+    lo = jnp.asarray(page_shard_index, jnp.int32).reshape(()) * num_rows  # i32[]
+    dst, src, length = idx  # i32[S] each
+    start = jnp.clip(dst, lo, lo + num_rows)  # i32[S]
+    end = jnp.clip(dst + length, lo, lo + num_rows)  # i32[S]
+    return jnp.stack([start - lo, src + (start - dst), jnp.maximum(end - start, 0)])
+
+
+def prepare(
+    tokens, slice_indices, caches, total_update_slices, *, page_size, slices_per_processing_page=None,
+    for_tpu_kernel=False, validate=None, page_shard_index=None, names=(NAMES,),
+):  # -> int[3, S]: the slices to apply to these caches
+    """Steps 1-3 above; returns the slice indices the implementation applies."""
+    static_validate_pairs(
+        tokens, slice_indices, caches, total_update_slices, page_size=page_size,
+        slices_per_processing_page=slices_per_processing_page, for_tpu_kernel=for_tpu_kernel, names=names,
+    )
+    num_rows = cache_rows(np.shape(tokens[0]), np.shape(caches[0]), page_size=page_size, names=names[0])[0]
+    check_page_shard_index(page_shard_index, num_rows)
+    check_slice_data(
+        tokens, slice_indices, caches, total_update_slices, page_size=page_size, validate=validate, names=names,
+        page_shard_index=page_shard_index,
+    )
+    if page_shard_index is None:
+        return slice_indices
+    return localize_slices(jnp.asarray(slice_indices), num_rows=num_rows, page_shard_index=page_shard_index)
+
+
+__all__ = ["KV_NAMES", "check_slice_data", "localize_slices", "prepare", "static_validate_pairs", "tpu_problem"]
