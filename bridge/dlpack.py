@@ -72,7 +72,7 @@ import functools
 import numpy as np
 import torch
 
-from bridge._jax_import import jax
+from bridge._jax_import import guard_xla, jax
 from bridge.dtypes import (
     TORCH_TO_JAX_DTYPE,
     check_jax_can_hold,
@@ -345,6 +345,8 @@ def _xla_tensor_to_jax(tensor: torch.Tensor, copy: bool | None):
     """XLA:CPU tensor → JAX CPU array through torch_xla's own DLPack export."""
     import torch_xla
     import torch_xla.runtime as xr
+
+    guard_xla()  # before JAX first works on an XLA tensor (see bridge._jax_import)
 
     device_type = xr.device_type()
     if device_type != "CPU":

@@ -29,6 +29,7 @@ import torch
 
 from bridge._jax_import import jax
 from jax_kernels import layouts as jk_layouts  # noqa: E402  (after the guarded import above): the shape math
+from jax_kernels.kv_cache_update.quantize import dequantize_kv as jk_layouts_dequantize  # noqa: E402
 
 
 def _is_torch(x) -> bool:
@@ -52,7 +53,8 @@ def merge_kv(
     v,  # [T, num_kv_heads, D]
     *,
     layout: str = "combined",
-):  # -> [T, *jax_kernels.layouts.row_shape(num_kv_heads, D, dtype, layout=layout)]
+    cache_dtype=None,
+):  # -> [T, *jax_kernels.layouts.row_shape(num_kv_heads, D, cache_dtype or dtype, layout=layout)]
     """Copy separate K and V ``[T, kvH, D]`` into cache rows of ``layout``.
 
     ``combined`` (default): ``[T, 2 * kvH, D]``, head ``2h`` is ``k[:, h]`` and
@@ -61,7 +63,8 @@ def merge_kv(
     pack, D128]`` (tpu-inference's RPA v3 rows). ``packed_hd64``: per head K
     then V in 128 lanes. Always a new tensor/array (a copy), bitwise equal to
     ``jax_kernels.merge_kv``. ``k`` and ``v`` must be both torch tensors or both
-    JAX arrays, with equal shapes and dtypes.
+    JAX arrays, with equal shapes and dtypes. ``cache_dtype``: pack for a
+    cache of that dtype (a quantized write: see ``jax_kernels.merge_kv``).
     """
     _check_array("k", k)
     _check_array("v", v)
@@ -71,10 +74,12 @@ def merge_kv(
             f"{type(k).__name__} and {type(v).__name__}"
         )
     if not _is_torch(k):
-        return jk_layouts.merge_kv(k, v, layout=layout)
+        return jk_layouts.merge_kv(k, v, layout=layout, cache_dtype=cache_dtype)
     jk_layouts.check_kv(k, v)
     num_tokens, num_kv_heads, head_dim = k.shape
-    heads, lanes, (pad_heads, pad_lanes), row = jk_layouts.merge_plan(num_kv_heads, head_dim, k.dtype, layout)
+    heads, lanes, (pad_heads, pad_lanes), row = jk_layouts.merge_plan(
+        num_kv_heads, head_dim, cache_dtype or k.dtype, layout
+    )
     rows = torch.cat([k, v], dim=-1).reshape(num_tokens, heads, lanes)  # [T, heads, lanes]
     if pad_heads or pad_lanes:
         padded = rows.new_zeros((num_tokens, heads + pad_heads, lanes + pad_lanes))
@@ -89,6 +94,7 @@ def split_kv(
     head_dim: int | None = None,
     *,
     layout: str = "combined",
+    cache_dtype=None,
 ):  # -> (k [T, num_kv_heads, D], v [T, num_kv_heads, D])
     """Split cache rows of ``layout`` into K and V ``[T, kvH, D]``, padding dropped.
 
@@ -101,8 +107,10 @@ def split_kv(
     """
     _check_array("kv", kv)
     if not _is_torch(kv):
-        return jk_layouts.split_kv(kv, num_kv_heads, head_dim, layout=layout)
-    num_tokens, (row, heads, k_at, v_at) = jk_layouts.split_args(kv, num_kv_heads, head_dim, layout, name="kv")
+        return jk_layouts.split_kv(kv, num_kv_heads, head_dim, layout=layout, cache_dtype=cache_dtype)
+    num_tokens, (row, heads, k_at, v_at) = jk_layouts.split_args(
+        kv, num_kv_heads, head_dim, layout, name="kv", cache_dtype=cache_dtype
+    )
     rows = _view(kv, (num_tokens, heads, row[-1]), what="kv")  # [T, heads, lanes]
     return rows[:, k_at[0], k_at[1]], rows[:, v_at[0], v_at[1]]
 
@@ -166,3 +174,22 @@ def _view(tensor: torch.Tensor, shape: tuple[int, ...], what: str = "cache") -> 
             f"viewed as {shape} without a copy; call .contiguous() on it first if a copy is "
             f"acceptable ({err})"
         ) from None
+
+
+def dequantize_kv(
+    rows,  # [N, *row] 8-bit, heads k0, v0, k1, v1, ... (packed rows: h' * pack + p)
+    k_scale,
+    v_scale,
+    dtype,
+):  # -> [N, *row] of dtype
+    """Quantized cache rows back to ``dtype``: ``rows.float() * scale``, K
+    heads (even) by ``k_scale`` and V heads by ``v_scale`` — for torch tensors
+    and JAX arrays (``jax_kernels.dequantize_kv``), bit for bit alike. For a
+    K or a V cache alone pass its scale twice."""
+    _check_array("rows", rows)
+    if not _is_torch(rows):
+        return jk_layouts_dequantize(rows, k_scale, v_scale, dtype)
+    heads = rows.reshape(rows.shape[0], -1, rows.shape[-1])  # [N, H, D]: packed heads in order
+    odd = (torch.arange(heads.shape[1], device=rows.device) % 2 == 1).view(1, -1, 1)
+    k, v = (torch.as_tensor(s, dtype=torch.float32, device=rows.device).reshape(()) for s in (k_scale, v_scale))
+    return (heads.to(torch.float32) * torch.where(odd, v, k)).to(dtype).reshape(rows.shape)

@@ -14,6 +14,12 @@ of Python per call here, against about 10 µs for a cached
 :class:`StagedJaxFunction` call (measured on CPU PJRT, torch_xla 2.9). It also
 needs ``torchax`` importable; this module does not.
 
+Constructing one (on an XLA path only) runs torch_xla's JAX setup as its
+``call_jax`` does: the JAX import guard (:func:`bridge._jax_import.guard_xla`)
+and ``jax_use_shardy_partitioner=False``, a process-wide JAX config change
+torch_xla expects. Lowerings are keyed by the config after it, so the first
+call of a signature compiles one graph and later calls none.
+
 It relies on two torch_xla internals that ``call_jax`` itself uses
 (``_xla_op_computation_from_module_proto``, ``_xla_user_computation``). Where a
 torch_xla version lacks them, calls go through ``xb.call_jax`` instead
@@ -27,7 +33,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from bridge._jax_import import jax
+from bridge._jax_import import guard_xla, jax
 from bridge.dtypes import torch_to_jax_dtype
 
 
@@ -36,6 +42,25 @@ def _trace_context():
     from jax._src import config
 
     return config.trace_context()
+
+
+def _torch_xla_jax_setup() -> None:
+    """What torch_xla's ``call_jax`` does before it lowers: its JAX import guard
+    (:func:`bridge._jax_import.guard_xla`), then ``maybe_get_jax()``, which sets
+    ``jax_use_shardy_partitioner=False`` (torch_xla expects GSPMD-style
+    sharding), a process-wide JAX config change.
+
+    That flag is part of :func:`_trace_context`, so this runs before any
+    cache key is computed (in ``StagedJaxFunction.__init__``) and ``_lower``
+    keys by the config after it. A first call keyed before the change would
+    miss on the second call, lower again, and torch_xla would compile that
+    second computation as a new graph: two compiles in a fresh process.
+    """
+    guard_xla()
+    from torch_xla._internal.jax_workarounds import jax_env_context, maybe_get_jax
+
+    with jax_env_context():
+        maybe_get_jax()
 
 
 class StagedJaxFunction:
@@ -60,6 +85,10 @@ class StagedJaxFunction:
         self._direct = all(
             hasattr(self._xlac, f) for f in ("_xla_op_computation_from_module_proto", "_xla_user_computation")
         )
+        if self._direct:
+            # Before the first key is computed: the setup changes JAX's config,
+            # which is part of the key (see _torch_xla_jax_setup).
+            _torch_xla_jax_setup()
 
     @property
     def num_lowered(self) -> int:
@@ -71,24 +100,27 @@ class StagedJaxFunction:
             import torch_xla.core.xla_builder as xb
 
             return list(xb.call_jax(self._flat_fn, tensors))
-        key = (tuple((t.shape, t.dtype) for t in tensors), _trace_context())
-        computation = self._computations.get(key)
+        signature = tuple((t.shape, t.dtype) for t in tensors)
+        computation = self._computations.get((signature, _trace_context()))
         if computation is None:
-            computation = self._lower(key, tensors)
+            computation = self._lower(signature, tensors)
         return self._xlac._xla_user_computation(self.name, list(tensors), computation)
 
     def _flat_fn(self, *arrays):
         return list(self.fn(*arrays))
 
-    def _lower(self, key, tensors: Sequence[torch.Tensor]):
-        from torch_xla._internal.jax_workarounds import jax_env_context, maybe_get_jax
+    def _lower(self, signature: tuple, tensors: Sequence[torch.Tensor]):
+        from torch_xla._internal.jax_workarounds import jax_env_context
 
         with self._lock:
+            _torch_xla_jax_setup()
+            # Keyed by the config the lowering runs under: the setup may have
+            # just changed it (someone set jax_use_shardy_partitioner again).
+            key = (signature, _trace_context())
             computation = self._computations.get(key)
             if computation is not None:
                 return computation
             with jax_env_context():
-                maybe_get_jax()  # torch_xla's JAX setup (its import guard, GSPMD-style sharding config)
                 specs = [jax.ShapeDtypeStruct(tuple(t.shape), torch_to_jax_dtype(t.dtype)) for t in tensors]
                 lowered = jax.jit(self._flat_fn, keep_unused=True).lower(*specs)
                 proto = lowered.compiler_ir("hlo").as_serialized_hlo_module_proto()

@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._utils import cdiv
+from .kv_cache_update.tpu_config import TPU_LANES
 
 LAYOUTS = ("combined", "packed", "packed_hd64")
-TPU_LANES = 128
 
 
 def align_to(x: int, a: int) -> int:
@@ -122,17 +122,21 @@ def merge_kv(
     v,  # [T, kvH, D]
     *,
     layout: str = "combined",
-):  # -> [T, *row_shape(kvH, D, dtype, layout)]
+    cache_dtype=None,
+):  # -> [T, *row_shape(kvH, D, cache_dtype or dtype, layout)]
     """K and V ``[T, kvH, D]`` as cache rows of ``layout`` (a new array).
 
     ``combined``: ``[T, 2 * kvH, D]``, heads k0, v0, k1, v1, ...; ``packed``:
     the same heads padded with zero heads to a multiple of ``pack`` and zero
     lanes to 128, as ``[T, H2 // pack, pack, D128]`` (bitwise tpu-inference's
     ``merge_kv``, padding included); ``packed_hd64``: ``[T, H1 // pack, pack, 128]``.
+    ``cache_dtype``: for a quantized write (rows wider than the cache's
+    8-bit values), pack the rows as that cache does (``pack`` of
+    ``cache_dtype``); the rows keep ``k``'s dtype.
     """
     check_kv(k, v)
     num_tokens, num_kv_heads, head_dim = k.shape
-    heads, lanes, (pad_heads, pad_lanes), row = merge_plan(num_kv_heads, head_dim, k.dtype, layout)
+    heads, lanes, (pad_heads, pad_lanes), row = merge_plan(num_kv_heads, head_dim, cache_dtype or k.dtype, layout)
     rows = jnp.concatenate([k, v], axis=-1).reshape(num_tokens, heads, lanes)  # [T, heads, lanes]
     if pad_heads or pad_lanes:
         rows = jnp.pad(rows, ((0, 0), (0, pad_heads), (0, pad_lanes)))
@@ -158,18 +162,20 @@ def split_kv(
     head_dim: int | None = None,
     *,
     layout: str = "combined",
+    cache_dtype=None,
 ):  # -> (k [T, kvH, D], v [T, kvH, D])
     """Cache rows of ``layout`` back to ``(k, v)``, each ``[T, kvH, D]``, padding dropped.
 
     For ``combined`` the head count and ``head_dim`` are read off the rows when
     not given; the padded layouts need both (the padding hides them).
+    ``cache_dtype``: rows packed for another dtype's cache (see :func:`merge_kv`).
     """
-    num_tokens, (row, heads, k_at, v_at) = split_args(kv_rows, num_kv_heads, head_dim, layout)
+    num_tokens, (row, heads, k_at, v_at) = split_args(kv_rows, num_kv_heads, head_dim, layout, cache_dtype=cache_dtype)
     rows = kv_rows.reshape(num_tokens, heads, row[-1])  # [T, heads, lanes]
     return rows[:, k_at[0], k_at[1]], rows[:, v_at[0], v_at[1]]
 
 
-def split_args(kv_rows, num_kv_heads, head_dim, layout, name="kv_rows"):
+def split_args(kv_rows, num_kv_heads, head_dim, layout, name="kv_rows", cache_dtype=None):
     """``(num_tokens, split_plan(...))`` after checking ``kv_rows`` (the
     caller's argument ``name``) holds rows of ``layout``; shared by the JAX and
     torch ``split_kv``."""
@@ -186,10 +192,10 @@ def split_args(kv_rows, num_kv_heads, head_dim, layout, name="kv_rows"):
         head_dim = shape[2] if head_dim is None else head_dim
     elif num_kv_heads is None or head_dim is None:
         raise ValueError(f"split_kv(layout={layout!r}) needs num_kv_heads and head_dim, got {num_kv_heads=}, {head_dim=}")
-    plan = split_plan(num_kv_heads, head_dim, kv_rows.dtype, layout)
+    plan = split_plan(num_kv_heads, head_dim, cache_dtype or kv_rows.dtype, layout)
     if shape[1:] != plan[0]:
         raise ValueError(
             f"{name}.shape={shape} is not [num_tokens, *{plan[0]}] "
-            f"({layout} rows of {num_kv_heads=}, {head_dim=}, dtype {kv_rows.dtype})"
+            f"({layout} rows of {num_kv_heads=}, {head_dim=}, dtype {cache_dtype or kv_rows.dtype})"
         )
     return shape[0], plan

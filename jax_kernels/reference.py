@@ -7,7 +7,32 @@ loops in this module. They are written to be obviously right, not fast.
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
+
+
+def quantize_reference(
+    x,  # [N, *row] floating, heads k0, v0, k1, v1, ... (packed rows: heads h' * pack + p)
+    k_scale,
+    v_scale,
+    dtype,  # float8_e4m3fn, float8_e5m2 or int8 (numpy / ml_dtypes)
+) -> np.ndarray:
+    """The quantized rows, in numpy and ml_dtypes (see ``kv_cache_update/quantize.py``):
+    ``q = float32(x) / float32(scale)``, even heads by ``k_scale``, odd by
+    ``v_scale``; float8: clip to the finite range, cast (round to nearest
+    even; any NaN → the canonical quiet NaN); int8: round half to even, clip
+    to [-128, 127], NaN → 0."""
+    dt = np.dtype(dtype)
+    xf = np.asarray(x).astype(np.float32)
+    heads = xf.reshape(xf.shape[0], -1, xf.shape[-1])  # [N, heads, D]: a view of xf
+    scale = np.where(np.arange(heads.shape[1]) % 2 == 1, np.float32(v_scale), np.float32(k_scale)).astype(np.float32)
+    q = heads / scale[None, :, None]  # float32 division, correctly rounded
+    if dt == np.int8:
+        q = np.where(np.isnan(q), np.float32(0), np.clip(np.round(q), -128, 127))
+    else:
+        finite = float(ml_dtypes.finfo(dt).max)
+        q = np.where(np.isnan(q), np.float32(np.nan), np.clip(q, -finite, finite))  # canonical NaN
+    return q.astype(dt).reshape(xf.shape)
 
 
 def kv_cache_update_reference(
@@ -15,12 +40,16 @@ def kv_cache_update_reference(
     slice_indices,  # int[3, S]
     kv_cache_pages,  # [R, *row] or [P, page_size, *row]
     total_update_slices,  # int[1]
+    *,
+    k_scale=None,
+    v_scale=None,
 ) -> np.ndarray:
     """Return a copy of ``kv_cache_pages`` with the first ``total_update_slices[0]``
     slices applied, in order: ``rows[d:d+n] = new_kv_tokens[s:s+n]`` for each
     column ``(d, s, n)`` of ``slice_indices``, where ``rows`` is the cache as
     ``[R, *row]``, ``row = new_kv_tokens.shape[1:]`` (any layout: flat, paged,
-    packed).
+    packed). When the cache's dtype differs from the tokens', the rows are
+    quantized first (:func:`quantize_reference`, ``k_scale``/``v_scale``).
 
     Inputs may be numpy arrays or anything ``np.asarray`` accepts (JAX arrays,
     CPU torch tensors of numpy-representable dtypes). The input is not modified.
@@ -28,6 +57,8 @@ def kv_cache_update_reference(
     new = np.asarray(new_kv_tokens)
     idx = np.asarray(slice_indices)
     out = np.array(kv_cache_pages, copy=True)
+    if new.dtype != out.dtype:
+        new = quantize_reference(new, k_scale, v_scale, out.dtype)
     rows = out.reshape(-1, *new.shape[1:])  # a view of out: [R, *row]
     total = int(np.asarray(total_update_slices).reshape(-1)[0])
     for s in range(total):

@@ -35,7 +35,7 @@ def xla_device():
 @pytest.fixture
 def jax_x64():
     """Turn ``jax_enable_x64`` on for one test, then restore it."""
-    import bridge  # noqa: F401  (import JAX the guarded way first)
+    import bridge  # noqa: F401  (import JAX through bridge, as the library does)
     import jax
 
     previous = jax.config.jax_enable_x64

@@ -113,6 +113,27 @@ def test_bars_pass_and_fail_on_the_ratios():
     assert bars[4]["status"] == "N/A"
 
 
+def test_quick_mode_judges_no_bar():
+    """--quick times tiny caches and updates: passing and failing ratios alike are shown, not judged."""
+    times = {  # bar 3 passes (1.9x), bar 5 fails (3.3x < 5x); bar 4 has no XLA here
+        ("cpu", "decode", "index_copy_"): (10, 10), ("cpu", "decode", "op:auto"): (19, 19),
+        ("cpu", "mixed", "jax:scatter"): (300, 300), ("cpu", "mixed", "jax:scan"): (1000, 1000),
+    }
+    records = [_record(b, s, p, size, t) for (b, s, p), ts in times.items() for size, t in zip((4, 16), ts)]
+    env = _env() | {"quick": True, "sizes_mib": [4, 16], "xla": False}
+    bars = {b["id"]: b for b in report.evaluate_bars(report.Results(records), env)}
+    assert {i: b["status"] for i, b in bars.items()} == {
+        1: report.NOT_JUDGED, 2: "N/A", 3: report.NOT_JUDGED, 4: "N/A", 5: report.NOT_JUDGED
+    }
+    assert "4 MiB, 16 MiB" in bars[5]["lines"][0] and any("3.33" in line for line in bars[5]["lines"])
+    text = report.bars_markdown(list(bars.values()), env)
+    assert "PASS" not in text and "FAIL" not in text, text
+    assert "Summary: not judged in quick mode (2: N/A, 4: N/A)" in text
+    env["quick"] = False
+    full = {b["id"]: b["status"] for b in report.evaluate_bars(report.Results(records), env)}
+    assert (full[3], full[5]) == ("PASS", "FAIL")
+
+
 # ------------------------------------------------------------------ smoke run
 
 
@@ -146,8 +167,9 @@ def test_quick_run_writes_table_bars_plot_and_json(quick_run):
         assert f"### {i}. " in bars_md and f"### {i}. " in table
     assert "## Bars" in proc.stdout
     statuses = {b["id"]: b["status"] for b in data["bars"]}
-    assert set(statuses) == {1, 2, 3, 4, 5} and set(statuses.values()) <= {"PASS", "FAIL", "N/A"}
+    assert set(statuses) == {1, 2, 3, 4, 5} and set(statuses.values()) <= {report.NOT_JUDGED, "N/A"}
     assert (statuses[4] == "N/A") == (not HAS_XLA)
+    assert "PASS" not in bars_md and "FAIL" not in bars_md
 
 
 def test_quick_run_checked_every_path_once_against_the_reference(quick_run):

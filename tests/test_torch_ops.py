@@ -267,7 +267,7 @@ def test_torch_compile_fullgraph():
 
 @pytest.mark.parametrize("impl", ["jax", "scan", "pallas_interpret"])
 def test_eager_jax_paths_do_not_retrace(impl):
-    fn = _eager.jitted_update(impl, PAGE_SIZE, 8)
+    fn = _eager.jitted_update(impl, PAGE_SIZE, None)  # the op's default slices_per_processing_page
     new, _, cache_np, _, _ = case(12, "float32")
     cache = torch.from_numpy(cache_np)
     rng = np.random.default_rng(0)

@@ -3,9 +3,10 @@
     import torch_ops  # registers torch.ops.paged_kv.*
     torch.ops.paged_kv.kv_cache_update(new_kv_tokens, slice_indices, kv_cache, total_update_slices,
                                        page_size=32, impl="auto")
+    torch.ops.paged_kv.kv_cache_update_kv(key, value, slice_indices, k_cache, v_cache, total_update_slices)
 """
 
-import bridge  # noqa: F401  (first: runs PyTorch/XLA's JAX import guard before jax loads)
+import bridge  # noqa: F401  (first: JAX is imported through bridge._jax_import and its guard rule)
 
 from . import _library  # noqa: F401  (registers the ops)
 from ._impls import IMPLS

@@ -26,7 +26,7 @@ from __future__ import annotations
 from jax_kernels.kv_cache_update import api as jk_update
 from jax_kernels.kv_cache_update import fallbacks as jk_fallbacks
 from jax_kernels.kv_cache_update import kernel as jk_kernel
-from jax_kernels.kv_cache_update import validation as jk_validation
+from jax_kernels.kv_cache_update import prepare as jk_prepare
 
 IMPLS = ("auto", "torch", "jax", "scan", "pallas", "pallas_interpret")
 
@@ -44,29 +44,34 @@ def jax_update_pairs(
     *,
     impl: str,
     page_size: int,
-    slices_per_processing_page: int,
+    slices_per_processing_page: int | None,
+    scales=None,  # f32[n, 2] or None: quantize for each cache (even heads, odd heads)
 ):  # -> tuple of updated caches
     """The JAX function behind ``impl`` (``auto``, ``jax``, ``scan``, ``pallas``,
     ``pallas_interpret``) on one or more (tokens, cache) pairs sharing the
     slices (one for ``kv_cache_update``, K and V for ``kv_cache_update_kv``).
-    Shapes and metadata are validated by the caller (torch side, on the host)
-    before this runs. Module-level, so ``call_jax``'s cache (keyed by
-    function, shapes and static values) hits."""
+    Shapes, scales and metadata are validated by the caller (torch side, on
+    the host) before this runs. Module-level, so ``call_jax``'s cache (keyed
+    by function, shapes and static values) hits."""
     tokens, caches = tuple(tokens), tuple(caches)
     if impl == "auto":
-        return jk_update.update(
-            tokens, slice_indices, caches, total_update_slices, page_size=page_size,
-            slices_per_processing_page=slices_per_processing_page, interpret=False, validate=False,
-            page_shard_index=None, names=(jk_validation.NAMES,) * len(tokens),
+        use_kernel = jk_prepare.tpu_config(
+            tokens, slice_indices, caches, page_size=page_size, slices_per_processing_page=slices_per_processing_page
+        ).problem is None
+        return jk_update.update_auto(
+            tokens, slice_indices, caches, total_update_slices, scales, page_size=page_size,
+            slices_per_processing_page=slices_per_processing_page, vmem_limit_bytes=None, use_kernel=use_kernel,
         )
     if impl == "jax":
-        return jk_fallbacks.scatter_update(tokens, slice_indices, caches, total_update_slices, page_size=page_size)
+        return jk_fallbacks.scatter_update(
+            tokens, slice_indices, caches, total_update_slices, page_size=page_size, scales=scales
+        )
     if impl == "scan":
-        return jk_fallbacks.scan_update(tokens, slice_indices, caches, total_update_slices, page_size=page_size)
+        return jk_fallbacks.scan_update(tokens, slice_indices, caches, total_update_slices, page_size=page_size, scales=scales)
     if impl in ("pallas", "pallas_interpret"):
         return jk_kernel.pallas_update(
             tokens, slice_indices, caches, total_update_slices, page_size=page_size,
-            slices_per_processing_page=slices_per_processing_page, interpret=impl == "pallas_interpret",
+            slices_per_processing_page=slices_per_processing_page, interpret=impl == "pallas_interpret", scales=scales,
         )
     raise ValueError(f"impl={impl!r} has no JAX function")
 
@@ -79,9 +84,10 @@ def jax_update(
     *,
     impl: str,
     page_size: int,
-    slices_per_processing_page: int,
+    slices_per_processing_page: int | None,
 ):
-    """:func:`jax_update_pairs` for one cache."""
+    """:func:`jax_update_pairs` for one cache, unquantized (the eager staged
+    paths: eager rows are quantized in torch first)."""
     return jax_update_pairs(
         (new_kv_tokens,), slice_indices, (kv_cache,), total_update_slices, impl=impl, page_size=page_size,
         slices_per_processing_page=slices_per_processing_page,

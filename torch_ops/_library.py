@@ -29,10 +29,18 @@ import dataclasses
 
 import torch
 
-from . import _eager, _validation, _xla
+from . import _eager, _quantize, _validation, _xla
 
-_STATIC = "int page_size=32, int slices_per_processing_page=8, str impl='auto'"
-_DEFAULTS = (32, 8, "auto")  # page_size, slices_per_processing_page, impl
+# Scales are scalar tensors, not floats: a float would be a constant of the
+# traced graph (PyTorch/XLA and torch.compile would specialize on its value,
+# recompiling when it changes, and XLA may fold a division by a constant into
+# an inexact multiply); a tensor is data, so new values reuse the graph.
+_STATIC = (
+    "int page_size=32, int? slices_per_processing_page=None, str impl='auto', "
+    "Tensor? k_scale=None, Tensor? v_scale=None"
+)
+# page_size, slices_per_processing_page (None: sized from VMEM), impl, k_scale, v_scale
+_DEFAULTS = (32, None, "auto", None, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +48,8 @@ class _Op:
     """One op pair: ``name`` (mutating) and ``name + "_functional"``.
 
     Positional arguments: ``len(names)`` token tensors, ``slice_indices``,
-    the caches (one per token tensor), ``total_update_slices``, then the
-    static ``page_size, slices_per_processing_page, impl``."""
+    the caches (one per token tensor), ``total_update_slices``, then
+    ``page_size, slices_per_processing_page, impl, k_scale, v_scale``."""
 
     name: str
     names: tuple  # per pair: (tokens, "slice_indices", cache, "total_update_slices") argument names
@@ -79,12 +87,16 @@ for _op in OPS.values():
     _lib.define(_op.name + "_functional" + _op.schema(functional=True))
 
 
-def _prepare(op, tokens, slice_indices, caches, total_update_slices, page_size, slices_per_processing_page, impl):
+def _prepare(
+    op, tokens, slice_indices, caches, total_update_slices, page_size, slices_per_processing_page, impl,
+    k_scale=None, v_scale=None,
+):
     """All checks that can run here, before any data moves. Returns
     ``(3-D rows views of the caches, host columns i64[3, total] or None)``."""
     flats = _validation.validate_static_pairs(
         tokens, slice_indices, caches, total_update_slices, page_size=page_size,
         slices_per_processing_page=slices_per_processing_page, impl=impl, names=op.names,
+        k_scale=k_scale, v_scale=v_scale,
     )
     mode = _validation.validation_mode()
     cols = None
@@ -95,17 +107,21 @@ def _prepare(op, tokens, slice_indices, caches, total_update_slices, page_size, 
         cols = _validation.host_columns(slice_indices, total_update_slices, op.names[0])
         if mode != "never":
             _validation.validate_data(tokens[0], cols, flats[0], page_size=page_size, names=op.names[0])
+            _validation.validate_scales(tokens[0].dtype, caches[0].dtype, k_scale, v_scale, op.names[0])
     return flats, cols
 
 
-def _write_eager(tokens, flats, cols, num_slices, page_size, slices_per_processing_page, impl):
+def _write_eager(tokens, flats, cols, num_slices, page_size, slices_per_processing_page, impl, k_scale=None, v_scale=None):
     if impl == "pallas":
         raise ValueError(
             f"impl='pallas' needs PyTorch/XLA tensors on a TPU, got {flats[0].device} tensors; "
             f"use impl='pallas_interpret' to run the kernel's code elsewhere"
         )
-    for new_kv_tokens, flat in zip(tokens, flats):
+    scales = _quantize.scale_pairs(len(tokens), k_scale, v_scale)
+    for new_kv_tokens, flat, (even, odd) in zip(tokens, flats, scales):
         rows = _validation.flat_tokens(new_kv_tokens)  # [T, H, D], like flat's rows
+        if rows.dtype != flat.dtype:  # a quantized write: the rows in the cache's dtype first
+            rows = _quantize.quantize_rows(rows, even, odd, flat.dtype)
         if impl in ("auto", "torch"):
             _eager.update_rows_(rows, cols, flat)
         else:
@@ -169,9 +185,11 @@ def _xla_functional(op):
     def functional(*args):
         tokens, idx, caches, total, static = op.split(args)
         _, cols = _prepare(op, tokens, idx, caches, total, *static)
-        page_size, spp, impl = static
+        page_size, spp, impl, k_scale, v_scale = static
+        quantized = tokens[0].dtype != caches[0].dtype
         outs = _xla.functional_update_pairs(
             tokens, idx, caches, total, impl=impl, page_size=page_size, slices_per_processing_page=spp, host_cols=cols,
+            scales=_quantize.scales_tensor(op.num_pairs, k_scale, v_scale) if quantized else None,
         )
         return outs[0] if op.num_pairs == 1 else tuple(outs)
 
@@ -218,10 +236,10 @@ def _fake(op, functional: bool):
 
     def fake(*args):
         _refuse_grad(name, _grad_names(op), _grad_tensors(op, args))
-        tokens, idx, caches, total, (page_size, spp, impl) = op.split(args)
+        tokens, idx, caches, total, (page_size, spp, impl, k_scale, v_scale) = op.split(args)
         _validation.validate_static_pairs(
             tokens, idx, caches, total, page_size=page_size, slices_per_processing_page=spp, impl=impl,
-            names=op.names,
+            names=op.names, k_scale=k_scale, v_scale=v_scale,
         )
         if not functional:
             return None

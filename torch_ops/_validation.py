@@ -15,6 +15,7 @@ import torch
 
 from jax_kernels.kv_cache_update import validation as jk_validation
 from jax_kernels.kv_cache_update.prepare import static_validate_pairs
+from jax_kernels.kv_cache_update.quantize import quantizes
 from bridge.dtypes import torch_to_jax_dtype
 
 from ._impls import check_impl
@@ -111,7 +112,8 @@ def validate_static(
 
 
 def validate_static_pairs(
-    tokens, slice_indices, caches, total_update_slices, *, page_size, slices_per_processing_page, impl, names
+    tokens, slice_indices, caches, total_update_slices, *, page_size, slices_per_processing_page, impl, names,
+    k_scale=None, v_scale=None,
 ) -> list[torch.Tensor]:
     """Checks that need no data, for (tokens, cache) pairs sharing the slices
     (``names``: each pair's argument names). Returns each cache's 3-D rows view.
@@ -121,6 +123,7 @@ def validate_static_pairs(
     """
     named = [(n[0], t) for t, n in zip(tokens, names)] + [(names[0][1], slice_indices)]
     named += [(n[2], c) for c, n in zip(caches, names)] + [(names[0][3], total_update_slices)]
+    named += [(name, t) for name, t in (("k_scale", k_scale), ("v_scale", v_scale)) if t is not None]
     for name, t in named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -133,6 +136,7 @@ def validate_static_pairs(
         _validate_static_uncached(
             named, tokens, slice_indices, caches, total_update_slices, page_size=page_size,
             slices_per_processing_page=slices_per_processing_page, impl=impl, names=names,
+            k_scale=k_scale, v_scale=v_scale,
         )
         if key is not None:
             if len(_STATIC_OK) > 4096:  # bounded: shapes are normally bucketed
@@ -142,7 +146,8 @@ def validate_static_pairs(
 
 
 def _validate_static_uncached(
-    named, tokens, slice_indices, caches, total_update_slices, *, page_size, slices_per_processing_page, impl, names
+    named, tokens, slice_indices, caches, total_update_slices, *, page_size, slices_per_processing_page, impl, names,
+    k_scale=None, v_scale=None,
 ) -> None:
     check_impl(impl)
     devices = {name: t.device for name, t in named}
@@ -160,6 +165,17 @@ def _validate_static_uncached(
         slices_per_processing_page=slices_per_processing_page,
         for_tpu_kernel=impl in ("pallas", "pallas_interpret"),
         names=names,
+        k_scale=None if k_scale is None else _proxy(k_scale, "k_scale"),
+        v_scale=None if v_scale is None else _proxy(v_scale, "v_scale"),
+    )
+
+
+def validate_scales(tokens_dtype, cache_dtype, k_scale, v_scale, names=NAMES) -> None:
+    """The scales' values (a device→host read off CPU), by ``jax_kernels``'
+    own check: positive and finite for a quantized write, None or 1 otherwise."""
+    values = [None if t is None else float(t.detach().to(torch.float32).reshape(-1)[0].cpu()) for t in (k_scale, v_scale)]
+    quantizes(
+        torch_to_jax_dtype(tokens_dtype), torch_to_jax_dtype(cache_dtype), *values, names=(names[0], names[2])
     )
 
 

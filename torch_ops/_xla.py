@@ -14,8 +14,11 @@ import functools
 
 import torch
 
+from bridge._jax_import import guard_xla
+
 from ._eager import RowPlan, staged_update
 from ._impls import jax_update_pairs
+from ._quantize import quantize_rows
 
 
 def is_tpu() -> bool:
@@ -26,10 +29,11 @@ def is_tpu() -> bool:
 
 def functional_update_pairs(
     tokens, slice_indices, caches, total_update_slices, *, impl, page_size, slices_per_processing_page,
-    host_cols=None,
+    host_cols=None, scales=None,
 ):
     """New XLA tensors: the ``caches`` with the update applied (one per
     (tokens, cache) pair; the pairs share the slices)."""
+    guard_xla()  # before JAX first works on these XLA tensors (see bridge._jax_import)
     if impl == "pallas" and not is_tpu():
         raise ValueError(
             f"impl='pallas' needs PyTorch/XLA tensors on a TPU, got {caches[0].device} tensors; "
@@ -45,19 +49,23 @@ def functional_update_pairs(
             _interpret_on_host(
                 new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size=page_size,
                 slices_per_processing_page=slices_per_processing_page, host_cols=host_cols,
+                scales=None if scales is None else scales[p],
             )
-            for new_kv_tokens, kv_cache in zip(tokens, caches)
+            for p, (new_kv_tokens, kv_cache) in enumerate(zip(tokens, caches))
         ]
-    staged = _staged_jax_update(impl, page_size, slices_per_processing_page, len(tokens))
-    return staged(*tokens, slice_indices.to(torch.int32), *caches, total_update_slices.to(torch.int32))
+    staged = _staged_jax_update(impl, page_size, slices_per_processing_page, len(tokens), scales is not None)
+    extra = () if scales is None else (scales,)
+    return staged(*tokens, slice_indices.to(torch.int32), *caches, total_update_slices.to(torch.int32), *extra)
 
 
 @functools.lru_cache(maxsize=None)
-def _staged_jax_update(impl: str, page_size: int, slices_per_processing_page: int, num_pairs: int):
+def _staged_jax_update(impl: str, page_size: int, slices_per_processing_page, num_pairs: int, quantized: bool):
     """``jax_update_pairs`` for one static config and pair count, lowered once
     per input signature and staged into the lazy graph on every call (no
     per-call tracing or pytree work: the op's Python cost per call is a few
-    µs on top). Arguments: the tokens, slice indices, the caches, the total."""
+    µs on top). Arguments: the tokens, slice indices, the caches, the total,
+    and for a quantized write the scales f32[n, 2] (graph data: new values do
+    not recompile)."""
     from bridge.xla_staging import StagedJaxFunction  # here: torch_xla is optional, and loaded by now
 
     n = num_pairs
@@ -65,14 +73,15 @@ def _staged_jax_update(impl: str, page_size: int, slices_per_processing_page: in
     def update(*arrays):
         return jax_update_pairs(
             arrays[:n], arrays[n], arrays[n + 1 : 2 * n + 1], arrays[2 * n + 1], impl=impl, page_size=page_size,
-            slices_per_processing_page=slices_per_processing_page,
+            slices_per_processing_page=slices_per_processing_page, scales=arrays[2 * n + 2] if quantized else None,
         )
 
     return StagedJaxFunction(update, name="xla::paged_kv_cache_update")
 
 
 def _interpret_on_host(
-    new_kv_tokens, slice_indices, kv_cache, total_update_slices, *, page_size, slices_per_processing_page, host_cols
+    new_kv_tokens, slice_indices, kv_cache, total_update_slices, *, page_size, slices_per_processing_page, host_cols,
+    scales=None,
 ):
     """``pallas_interpret`` on XLA tensors: the TPU interpreter needs host
     callbacks, which an XLA graph cannot hold, so the kernel runs on the host
@@ -84,8 +93,11 @@ def _interpret_on_host(
     plan = RowPlan(cols)
     if plan.num_rows == 0:
         return kv_cache.clone()
+    tokens = flat_tokens(new_kv_tokens.cpu())
+    if scales is not None:  # quantized on the host, as on every eager path
+        tokens = quantize_rows(tokens, scales[0].cpu(), scales[1].cpu(), kv_cache.dtype)
     rows = staged_update(
-        flat_tokens(new_kv_tokens.cpu()), plan, slice_indices.shape[1], impl="pallas_interpret", page_size=page_size,
+        tokens, plan, slice_indices.shape[1], impl="pallas_interpret", page_size=page_size,
         slices_per_processing_page=slices_per_processing_page,
     )
     flat = flat_cache(kv_cache, new_kv_tokens)

@@ -5,6 +5,15 @@ from __future__ import annotations
 import torch
 
 
+def _scales(cache: torch.Tensor, k_scale, v_scale):
+    """The ops take scales as scalar tensors (graph data, not constants):
+    Python floats become float32 tensors on the cache's device."""
+    return tuple(
+        s if s is None or isinstance(s, torch.Tensor) else torch.tensor(s, dtype=torch.float32, device=cache.device)
+        for s in (k_scale, v_scale)
+    )
+
+
 def kv_cache_update(
     new_kv_tokens: torch.Tensor,  # [T, *row]: row [H, D] or packed [H', pack, D']
     slice_indices: torch.Tensor,  # int[3, S]: rows (dst row in cache, src row in new_kv_tokens, len)
@@ -12,8 +21,10 @@ def kv_cache_update(
     total_update_slices: torch.Tensor,  # int[1]
     *,
     page_size: int = 32,
-    slices_per_processing_page: int = 8,
+    slices_per_processing_page: int | None = None,
     impl: str = "auto",
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
 ) -> None:
     """Write token rows into ``kv_cache`` in place (``torch.ops.paged_kv.kv_cache_update``).
 
@@ -30,12 +41,20 @@ def kv_cache_update(
     aliased when the graph is synced). ``impl`` picks the path — see
     ``torch_ops.IMPLS`` and the README; all write identical bits.
 
+    Quantize on write: a ``float8_e4m3fn``/``float8_e5m2``/``int8`` cache from
+    ``bfloat16``/``float16``/``float32`` tokens with ``k_scale`` and
+    ``v_scale`` (floats or float32 scalar tensors on the cache's device; K
+    heads — even heads — by ``k_scale``): ``jax_kernels.kv_cache_update``'s
+    math, bit for bit, on every impl.
+
     Errors (``ValueError``/``TypeError`` naming the argument, cache unchanged):
     shapes, dtypes, devices, ``impl``, and — whenever the metadata is on the
-    host, or under ``torch_ops.validation("always")`` — the slice data.
+    host, or under ``torch_ops.validation("always")`` — the slice data and
+    the scales' values.
     """
     torch.ops.paged_kv.kv_cache_update(
-        new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size, slices_per_processing_page, impl
+        new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size, slices_per_processing_page, impl,
+        *_scales(kv_cache, k_scale, v_scale),
     )
 
 
@@ -46,15 +65,18 @@ def kv_cache_update_functional(
     total_update_slices: torch.Tensor,
     *,
     page_size: int = 32,
-    slices_per_processing_page: int = 8,
+    slices_per_processing_page: int | None = None,
     impl: str = "auto",
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Like :func:`kv_cache_update`, but returns an updated copy and leaves
     ``kv_cache`` untouched (``torch.ops.paged_kv.kv_cache_update_functional``).
     Eager, this costs a copy of the cache; under PyTorch/XLA, ``cache.copy_(result)``
     with the result dropped before the sync updates in place."""
     return torch.ops.paged_kv.kv_cache_update_functional(
-        new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size, slices_per_processing_page, impl
+        new_kv_tokens, slice_indices, kv_cache, total_update_slices, page_size, slices_per_processing_page, impl,
+        *_scales(kv_cache, k_scale, v_scale),
     )
 
 
@@ -67,8 +89,10 @@ def kv_cache_update_kv(
     total_update_slices: torch.Tensor,  # int[1]
     *,
     page_size: int = 32,
-    slices_per_processing_page: int = 8,
+    slices_per_processing_page: int | None = None,
     impl: str = "auto",
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
 ) -> None:
     """:func:`kv_cache_update` for separate K and V caches with the same slices
     (``torch.ops.paged_kv.kv_cache_update_kv``): ``k_cache`` gets ``key``'s
@@ -77,7 +101,8 @@ def kv_cache_update_kv(
     the same count. Validation and errors as for :func:`kv_cache_update`,
     naming ``key``/``value``/``k_cache``/``v_cache``."""
     torch.ops.paged_kv.kv_cache_update_kv(
-        key, value, slice_indices, k_cache, v_cache, total_update_slices, page_size, slices_per_processing_page, impl
+        key, value, slice_indices, k_cache, v_cache, total_update_slices, page_size, slices_per_processing_page, impl,
+        *_scales(k_cache, k_scale, v_scale),
     )
 
 
@@ -90,12 +115,15 @@ def kv_cache_update_kv_functional(
     total_update_slices: torch.Tensor,
     *,
     page_size: int = 32,
-    slices_per_processing_page: int = 8,
+    slices_per_processing_page: int | None = None,
     impl: str = "auto",
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`kv_cache_update_kv`, but returns updated copies
     ``(k_cache, v_cache)`` and leaves the inputs untouched
     (``torch.ops.paged_kv.kv_cache_update_kv_functional``)."""
     return torch.ops.paged_kv.kv_cache_update_kv_functional(
-        key, value, slice_indices, k_cache, v_cache, total_update_slices, page_size, slices_per_processing_page, impl
+        key, value, slice_indices, k_cache, v_cache, total_update_slices, page_size, slices_per_processing_page, impl,
+        *_scales(k_cache, k_scale, v_scale),
     )

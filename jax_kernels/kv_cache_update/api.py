@@ -15,17 +15,34 @@ import jax
 from .._utils import is_traced
 from .fallbacks import scatter_update
 from .kernel import INTERPRETER_LOCK, pallas_update
-from .prepare import KV_NAMES, prepare, tpu_problem
+from .prepare import KV_NAMES, prepare, tpu_config
 from .validation import NAMES
 
 
-@functools.partial(jax.jit, static_argnames=("page_size", "slices_per_processing_page", "use_kernel"))
-def _update_auto(tokens, slice_indices, caches, total_update_slices, *, page_size, slices_per_processing_page, use_kernel):
-    fallback = functools.partial(scatter_update, page_size=page_size)
+@functools.partial(
+    jax.jit, static_argnames=("page_size", "slices_per_processing_page", "vmem_limit_bytes", "use_kernel")
+)
+def update_auto(
+    tokens, slice_indices, caches, total_update_slices, scales, *, page_size, slices_per_processing_page,
+    vmem_limit_bytes, use_kernel,
+):
+    """The Pallas kernel where the computation is lowered for TPU and
+    ``use_kernel`` (the kernel's rules hold), the scatter fallback elsewhere."""
+    def fallback(tokens, slice_indices, caches, total_update_slices, scales):
+        return scatter_update(tokens, slice_indices, caches, total_update_slices, page_size=page_size, scales=scales)
+
     if not use_kernel:
-        return fallback(tokens, slice_indices, caches, total_update_slices)
-    kernel = functools.partial(pallas_update, page_size=page_size, slices_per_processing_page=slices_per_processing_page)
-    return jax.lax.platform_dependent(tokens, slice_indices, caches, total_update_slices, tpu=kernel, default=fallback)
+        return fallback(tokens, slice_indices, caches, total_update_slices, scales)
+
+    def kernel(tokens, slice_indices, caches, total_update_slices, scales):
+        return pallas_update(
+            tokens, slice_indices, caches, total_update_slices, page_size=page_size,
+            slices_per_processing_page=slices_per_processing_page, vmem_limit_bytes=vmem_limit_bytes, scales=scales,
+        )
+
+    return jax.lax.platform_dependent(
+        tokens, slice_indices, caches, total_update_slices, scales, tpu=kernel, default=fallback
+    )
 
 
 def update(
@@ -35,32 +52,41 @@ def update(
     total_update_slices,  # int[1]
     *,
     page_size: int,
-    slices_per_processing_page: int,
+    slices_per_processing_page: int | None,
+    vmem_limit_bytes: int | None = None,
     interpret,
     validate,
     page_shard_index,
     names,
+    k_scale=None,
+    v_scale=None,
 ):  # -> tuple of updated caches
     """``kv_cache_update`` on one or more (tokens, cache) pairs sharing the slices."""
     kernel_wanted = interpret is not False and interpret is not None
-    idx = prepare(
+    idx, scales = prepare(
         tokens, slice_indices, caches, total_update_slices, page_size=page_size,
         slices_per_processing_page=slices_per_processing_page, for_tpu_kernel=kernel_wanted, validate=validate,
-        page_shard_index=page_shard_index, names=names,
+        page_shard_index=page_shard_index, names=names, vmem_limit_bytes=vmem_limit_bytes,
+        k_scale=k_scale, v_scale=v_scale,
     )
     if kernel_wanted:
         run = functools.partial(
             pallas_update, tuple(tokens), idx, tuple(caches), total_update_slices, page_size=page_size,
-            slices_per_processing_page=slices_per_processing_page, interpret=interpret,
+            slices_per_processing_page=slices_per_processing_page, vmem_limit_bytes=vmem_limit_bytes,
+            interpret=interpret, scales=scales,
         )
         if is_traced(*tokens, idx, *caches, total_update_slices):
             return run()
         with INTERPRETER_LOCK:  # the interpreter is not thread-safe
             return jax.block_until_ready(run())
-    use_kernel = tpu_problem(tokens, caches, page_size=page_size, slices_per_processing_page=slices_per_processing_page) is None
-    return _update_auto(
-        tuple(tokens), idx, tuple(caches), total_update_slices, page_size=page_size,
-        slices_per_processing_page=slices_per_processing_page, use_kernel=use_kernel,
+    use_kernel = tpu_config(
+        tokens, idx, caches, page_size=page_size, slices_per_processing_page=slices_per_processing_page,
+        vmem_limit_bytes=vmem_limit_bytes,
+    ).problem is None
+    return update_auto(
+        tuple(tokens), idx, tuple(caches), total_update_slices, scales, page_size=page_size,
+        slices_per_processing_page=slices_per_processing_page, vmem_limit_bytes=vmem_limit_bytes,
+        use_kernel=use_kernel,
     )
 
 
@@ -71,10 +97,13 @@ def kv_cache_update(
     total_update_slices,  # int[1]
     *,
     page_size: int = 32,
-    slices_per_processing_page: int = 8,
+    slices_per_processing_page: int | None = None,
+    vmem_limit_bytes: int | None = None,
     interpret=False,
     validate: bool | None = None,
     page_shard_index=None,
+    k_scale=None,
+    v_scale=None,
 ):
     """Write token rows into a paged KV cache; return the updated cache.
 
@@ -94,9 +123,9 @@ def kv_cache_update(
     * TPU: the Pallas kernel (async DMAs through VMEM, cache aliased in place —
       pass the cache through a ``jax.jit(..., donate_argnums=...)`` to update
       it without a copy). Needs the row's last dim (``head_dim``, padded to 128
-      in the packed layout) a multiple of 128 and a staging buffer
-      ``slices_per_processing_page * page_size * row bytes`` within 16 MiB;
-      when these do not hold, the fallback below runs on TPU too.
+      in the packed layout) a multiple of 128 and its staging buffer within
+      the VMEM limit (``jax_kernels.tpu_kernel_config`` says what it will use,
+      and why not); when these do not hold, the fallback below runs on TPU too.
     * Elsewhere: :func:`kv_cache_update_scatter`, the fastest correct JAX path.
     * ``interpret=True`` (or a ``pltpu.InterpretParams``): the Pallas kernel's
       own code in the TPU interpreter, on any backend. Slow; for testing.
@@ -108,8 +137,15 @@ def kv_cache_update(
         page_size, *row]``, same dtype as ``new_kv_tokens``.
       total_update_slices: integer ``[1]``, ``0 <= total <= num_slices``.
       page_size: rows per page; every slice is at most this long. Static.
-      slices_per_processing_page: slices per kernel grid step. Static. Any
-        positive value works (the slice count need not be a multiple).
+      slices_per_processing_page: slices per kernel grid step. Static.
+        ``None`` (default): sized from the chip's VMEM — ``(vmem_limit_bytes -
+        1 MiB) // page bytes``, a power of two, at most 64 and at most the
+        slices passed (``jax_kernels.kv_cache_update.tpu_config``). An integer
+        is honoured exactly (EasyDeL's default was 8); any positive value
+        works (the slice count need not be a multiple).
+      vmem_limit_bytes: the kernel's scoped VMEM limit (Mosaic's compiler
+        parameter). ``None``: ``min(40 MiB, 5/8 of the chip's VMEM)``, or more
+        to hold an explicit ``slices_per_processing_page``'s buffer.
       interpret: run the kernel in the TPU interpreter.
       validate: check the slice metadata's values first (``ValueError`` on a
         slice out of range, too long, negative, overlapping another, or a bad
@@ -123,14 +159,23 @@ def kv_cache_update(
         of them) outside this shard are skipped. An int or a traced int32
         (``jax.lax.axis_index``). ``None`` (default) = unsharded, the same as
         EasyDeL's default ``0`` for valid slices.
+      k_scale, v_scale: quantize on write. When ``kv_cache_pages`` is
+        ``float8_e4m3fn``, ``float8_e5m2`` or ``int8`` and the tokens are
+        ``bfloat16``/``float16``/``float32``, both are required (floats or
+        float32 scalars, positive and finite) and the rows are written as
+        ``q = x.astype(float32) / scale`` clipped and cast (K heads — even
+        heads — by ``k_scale``, V heads by ``v_scale``); on TPU inside the
+        kernel, in VMEM between its two DMAs. See ``quantize.py`` for the exact
+        math (NaN, ±inf, rounding). With equal dtypes: ``None`` (or 1).
 
     Returns:
       The updated cache, same shape and dtype as ``kv_cache_pages``.
     """
     return update(
         (new_kv_tokens,), slice_indices, (kv_cache_pages,), total_update_slices, page_size=page_size,
-        slices_per_processing_page=slices_per_processing_page, interpret=interpret, validate=validate,
-        page_shard_index=page_shard_index, names=(NAMES,),
+        slices_per_processing_page=slices_per_processing_page, vmem_limit_bytes=vmem_limit_bytes,
+        interpret=interpret, validate=validate, page_shard_index=page_shard_index, names=(NAMES,),
+        k_scale=k_scale, v_scale=v_scale,
     )[0]
 
 
@@ -143,10 +188,13 @@ def kv_cache_update_kv(
     total_update_slices,  # int[1]
     *,
     page_size: int = 32,
-    slices_per_processing_page: int = 8,
+    slices_per_processing_page: int | None = None,
+    vmem_limit_bytes: int | None = None,
     interpret=False,
     validate: bool | None = None,
     page_shard_index=None,
+    k_scale=None,
+    v_scale=None,
 ):  # -> (k_cache, v_cache)
     """:func:`kv_cache_update` for separate K and V caches with the same slices:
     returns the updated ``(k_cache, v_cache)``. On TPU one kernel launch writes
@@ -156,6 +204,7 @@ def kv_cache_update_kv(
     of rows; their rows (heads, head_dim, dtype) may differ."""
     return update(
         (key, value), slice_indices, (k_cache, v_cache), total_update_slices, page_size=page_size,
-        slices_per_processing_page=slices_per_processing_page, interpret=interpret, validate=validate,
-        page_shard_index=page_shard_index, names=KV_NAMES,
+        slices_per_processing_page=slices_per_processing_page, vmem_limit_bytes=vmem_limit_bytes,
+        interpret=interpret, validate=validate, page_shard_index=page_shard_index, names=KV_NAMES,
+        k_scale=k_scale, v_scale=v_scale,
     )

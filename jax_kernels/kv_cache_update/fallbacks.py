@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from .._utils import cdiv
 from .prepare import prepare
+from .quantize import quantize_tokens
 
 
 def _num_valid_slices(total_update_slices, num_slices: int):
@@ -68,8 +69,10 @@ def scan_update(
     total_update_slices,  # int[1]
     *,
     page_size,
+    scales=None,  # f32[n, 2] or None: quantize the tokens for their caches (quantize.py)
 ):  # -> tuple of caches, same shapes
     """The scan fallback on one or more (tokens, cache) pairs sharing the slices."""
+    tokens = quantize_tokens(tokens, caches, scales)
     rows = [flat_rows(c, t) for t, c in zip(tokens, caches)]
     num_rows = rows[0].shape[0]
     if num_rows == 0:
@@ -101,19 +104,23 @@ def kv_cache_update_jax(
     *,
     page_size: int = 32,
     page_shard_index=None,
+    k_scale=None,
+    v_scale=None,
 ):
     """The ``lax.scan`` fallback: one masked page-sized window update per slice.
 
-    Same contract as :func:`jax_kernels.kv_cache_update` (every layout, and
-    ``page_shard_index``). Cost grows with the number of slices (padding
+    Same contract as :func:`jax_kernels.kv_cache_update` (every layout,
+    ``page_shard_index``, quantized writes). Cost grows with the number of slices (padding
     included) times ``page_size``; prefer :func:`kv_cache_update_scatter`,
     which ``kv_cache_update`` uses off TPU.
     """
-    idx = prepare(
+    idx, scales = prepare(
         (new_kv_tokens,), slice_indices, (kv_cache_pages,), total_update_slices, page_size=page_size,
-        validate=False, page_shard_index=page_shard_index,
+        validate=False, page_shard_index=page_shard_index, k_scale=k_scale, v_scale=v_scale,
     )
-    return scan_update((new_kv_tokens,), idx, (kv_cache_pages,), total_update_slices, page_size=page_size)[0]
+    return scan_update(
+        (new_kv_tokens,), idx, (kv_cache_pages,), total_update_slices, page_size=page_size, scales=scales
+    )[0]
 
 
 # ------------------------------------------------------------------------ scatter
@@ -138,10 +145,13 @@ def scatter_update(
     total_update_slices,  # int[1]
     *,
     page_size,
+    scales=None,  # f32[n, 2] or None: quantize the tokens for their caches (quantize.py)
 ):  # -> tuple of caches, same shapes
     """The scatter fallback on one or more (tokens, cache) pairs sharing the
-    slices: the row indices are computed once and every pair is scattered."""
+    slices: the row indices are computed once and every pair is scattered
+    (quantized on the way when ``scales`` is given)."""
     del page_size  # lengths are validated against it; the scatter does not need it
+    tokens = quantize_tokens(tokens, caches, scales)
     rows = [flat_rows(c, t) for t, c in zip(tokens, caches)]
     num_rows = rows[0].shape[0]
     num_tokens = tokens[0].shape[0]
@@ -187,18 +197,22 @@ def kv_cache_update_scatter(
     *,
     page_size: int = 32,
     page_shard_index=None,
+    k_scale=None,
+    v_scale=None,
 ):
     """The fast fallback: scatter the token rows into the cache rows that name them.
 
-    Same contract as :func:`jax_kernels.kv_cache_update` (every layout, and
-    ``page_shard_index``). It moves only the rows the valid slices name: one
+    Same contract as :func:`jax_kernels.kv_cache_update` (every layout,
+    ``page_shard_index``, quantized writes). It moves only the rows the valid slices name: one
     scatter straight from ``new_kv_tokens`` when no token row is read by two
     slices (block-table layouts), else a gather and scatter of the packed rows,
     ``num_tokens`` at a time. Its cost does not depend on the cache size when
     the cache is donated.
     """
-    idx = prepare(
+    idx, scales = prepare(
         (new_kv_tokens,), slice_indices, (kv_cache_pages,), total_update_slices, page_size=page_size,
-        validate=False, page_shard_index=page_shard_index,
+        validate=False, page_shard_index=page_shard_index, k_scale=k_scale, v_scale=v_scale,
     )
-    return scatter_update((new_kv_tokens,), idx, (kv_cache_pages,), total_update_slices, page_size=page_size)[0]
+    return scatter_update(
+        (new_kv_tokens,), idx, (kv_cache_pages,), total_update_slices, page_size=page_size, scales=scales
+    )[0]

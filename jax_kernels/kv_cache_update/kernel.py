@@ -30,6 +30,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from .._utils import cdiv
+from .quantize import quantize
+from .tpu_config import kernel_config, vmem_buffers
 
 
 def _kv_cache_update_kernel(
@@ -38,19 +40,31 @@ def _kv_cache_update_kernel(
     slice_indices_ref,  # i32[3, S_padded]: rows (dst, src, len)
     *refs,
     num_pairs: int,
+    quantized: bool,
 ):
     """``refs``, for ``n = num_pairs`` (token, cache) pairs:
 
-    * inputs (HBM, ``pl.ANY``): ``n`` token arrays ``[T, *row_i]``, then ``n``
-      caches ``[R, *row_i]`` (aliased to the outputs);
+    * inputs: for a quantized write, the scales f32[n, 2] in SMEM (each
+      cache's even-head and odd-head scale); then (HBM, ``pl.ANY``) ``n``
+      token arrays ``[T, *row_i]`` and ``n`` caches ``[R, *row_i]`` (aliased to
+      the outputs);
     * outputs (HBM): the ``n`` caches ``[R, *row_i]``;
-    * scratch: ``n`` VMEM staging buffers ``[slices_per_step, page_size, *row_i]``,
-      DMA semaphores ``[n, slices_per_step]`` for reads and for writes.
+    * scratch: ``n`` VMEM staging buffers ``[slices_per_step, page_size,
+      *row_i]`` in the tokens' dtype; for a quantized write ``n`` more in the
+      caches' dtype, which the quantized rows go through; DMA semaphores
+      ``[n, slices_per_step]`` for reads and for writes.
+
+    A quantized write converts the whole staged page (``page_size`` rows, a
+    static shape) in VMEM between the two DMAs and writes its first ``len``
+    rows: rows past ``len`` hold stale data whose conversion is never written.
     """
+    if quantized:
+        scales_ref, *refs = refs
     tokens_hbm = refs[:num_pairs]
     caches_out_hbm = refs[2 * num_pairs : 3 * num_pairs]
     staging_vmem = refs[3 * num_pairs : 4 * num_pairs]
-    read_sems, write_sems = refs[4 * num_pairs :]
+    written_vmem = refs[4 * num_pairs : 5 * num_pairs] if quantized else staging_vmem
+    read_sems, write_sems = refs[-2:]
     slices_per_step = staging_vmem[0].shape[0]
     first = pl.program_id(0) * slices_per_step
     num_valid = num_valid_ref[0]
@@ -68,7 +82,7 @@ def _kv_cache_update_kernel(
         s = first + i
         n = slice_indices_ref[2, s]
         return pltpu.make_async_copy(
-            staging_vmem[p].at[i, pl.ds(0, n)],
+            written_vmem[p].at[i, pl.ds(0, n)],
             caches_out_hbm[p].at[pl.ds(slice_indices_ref[0, s], n)],
             write_sems.at[p, i],
         )
@@ -91,6 +105,9 @@ def _kv_cache_update_kernel(
         def _(i=i):
             for p in pairs:
                 read(p, i).wait()
+                if quantized:
+                    out = written_vmem[p]
+                    out[i] = quantize(staging_vmem[p][i], scales_ref[p, 0], scales_ref[p, 1], out.dtype)
                 write(p, i).start()
 
     for i in range(slices_per_step):
@@ -115,7 +132,9 @@ def _interpret_params(interpret):
     return interpret or False
 
 
-@functools.partial(jax.jit, static_argnames=("page_size", "slices_per_processing_page", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("page_size", "slices_per_processing_page", "vmem_limit_bytes", "interpret")
+)
 def pallas_update(
     tokens,  # tuple of [T, *row_i]
     slice_indices,  # int[3, S]
@@ -123,36 +142,47 @@ def pallas_update(
     total_update_slices,  # int[1]
     *,
     page_size: int,
-    slices_per_processing_page: int,
+    slices_per_processing_page: int | None = None,
+    vmem_limit_bytes: int | None = None,
     interpret=False,
+    scales=None,  # f32[n, 2] or None: quantize in VMEM (quantize.py)
 ):  # -> tuple of caches, same shapes
-    """One kernel launch updating every (tokens, cache) pair with the same slices."""
+    """One kernel launch updating every (tokens, cache) pair with the same
+    slices; slices per step and the VMEM limit from ``tpu_config.kernel_config``
+    (``None``: sized from the chip's VMEM)."""
     rows = [c.reshape(-1, *t.shape[1:]) for t, c in zip(tokens, caches)]  # [R, *row_i]: leading dims merged
     n = len(rows)
+    quantized = scales is not None
     num_slices = slice_indices.shape[1]
-    spp = slices_per_processing_page
+    config = kernel_config(
+        vmem_buffers([(t.shape[1:], t.dtype, r.dtype) for t, r in zip(tokens, rows)]), page_size=page_size,
+        num_slices=num_slices, slices_per_processing_page=slices_per_processing_page,
+        vmem_limit_bytes=vmem_limit_bytes,
+    )
+    spp = config.slices_per_processing_page
     # i32[3, S_padded]: pad to whole grid steps; padded columns are never live.
     idx = jnp.pad(slice_indices.astype(jnp.int32), [(0, 0), (0, cdiv(num_slices, spp) * spp - num_slices)])
     num_valid = jnp.clip(total_update_slices.reshape(-1)[:1].astype(jnp.int32), 0, num_slices)  # i32[1]
+    staging = [pltpu.VMEM((spp, page_size, *t.shape[1:]), t.dtype) for t in tokens]
+    if quantized:
+        staging += [pltpu.VMEM((spp, page_size, *r.shape[1:]), r.dtype) for r in rows]
+    extra = [pl.BlockSpec(memory_space=pltpu.SMEM)] if quantized else []
     out = pl.pallas_call(
-        functools.partial(_kv_cache_update_kernel, num_pairs=n),
+        functools.partial(_kv_cache_update_kernel, num_pairs=n, quantized=quantized),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
-            in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * (2 * n),
+            in_specs=extra + [pl.BlockSpec(memory_space=pl.ANY)] * (2 * n),
             out_specs=[pl.BlockSpec(memory_space=pl.ANY)] * n,
             grid=(cdiv(num_valid[0], spp),),
-            scratch_shapes=[
-                *(pltpu.VMEM((spp, page_size, *r.shape[1:]), r.dtype) for r in rows),
-                pltpu.SemaphoreType.DMA((n, spp)),
-                pltpu.SemaphoreType.DMA((n, spp)),
-            ],
+            scratch_shapes=[*staging, pltpu.SemaphoreType.DMA((n, spp)), pltpu.SemaphoreType.DMA((n, spp))],
         ),
         out_shape=[jax.ShapeDtypeStruct(r.shape, r.dtype) for r in rows],
-        # Operands: (num_valid, idx, *tokens, *caches) → cache p is operand 2 + n + p.
-        input_output_aliases={2 + n + p: p for p in range(n)},
+        # Operands: (num_valid, idx, [scales], *tokens, *caches) → cache p is operand first_cache + p.
+        input_output_aliases={2 + len(extra) + n + p: p for p in range(n)},
+        compiler_params=pltpu.CompilerParams(vmem_limit_bytes=config.vmem_limit_bytes),
         interpret=_interpret_params(interpret),
         name="paged_kv_cache_update",
-    )(num_valid, idx, *tokens, *rows)
+    )(num_valid, idx, *([scales.astype(jnp.float32)] if quantized else []), *tokens, *rows)
     return tuple(o.reshape(c.shape) for o, c in zip(out, caches))
 
 
@@ -163,7 +193,8 @@ def kv_cache_update_pallas(
     total_update_slices,  # int[1]
     *,
     page_size: int,
-    slices_per_processing_page: int,
+    slices_per_processing_page: int | None = None,
+    vmem_limit_bytes: int | None = None,
     interpret=False,
 ):
     """Run the Pallas kernel (on TPU, or in the TPU interpreter) on one cache.
@@ -174,5 +205,6 @@ def kv_cache_update_pallas(
     """
     return pallas_update(
         (new_kv_tokens,), slice_indices, (kv_cache_pages,), total_update_slices, page_size=page_size,
-        slices_per_processing_page=slices_per_processing_page, interpret=interpret,
+        slices_per_processing_page=slices_per_processing_page, vmem_limit_bytes=vmem_limit_bytes,
+        interpret=interpret,
     )[0]

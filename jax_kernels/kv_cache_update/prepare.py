@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._utils import is_on_host, is_traced
-from .validation import NAMES, cache_rows, dynamic_validate_inputs, kernel_problem, static_validate_inputs
+from .quantize import scale_pairs
+from .tpu_config import KernelConfig, kernel_config, vmem_buffers
+from .validation import NAMES, cache_rows, dynamic_validate_inputs, static_validate_inputs
 
 #: Argument names of ``kv_cache_update_kv``'s two pairs.
 KV_NAMES = (
@@ -28,15 +30,22 @@ KV_NAMES = (
 
 def static_validate_pairs(
     tokens, slice_indices, caches, total_update_slices, *, page_size, slices_per_processing_page=None,
-    for_tpu_kernel=False, names=(NAMES,),
-) -> None:
+    for_tpu_kernel=False, names=(NAMES,), vmem_limit_bytes=None, k_scale=None, v_scale=None,
+) -> bool:
     """:func:`static_validate_inputs` for each ``(tokens[i], caches[i])``; the
     pairs must have the same number of tokens and of cache rows (their rows
-    may differ: K and V of other widths, other dtypes)."""
+    may differ: K and V of other widths, other dtypes). Returns whether the
+    write quantizes (then every pair must)."""
     for t, c, n in zip(tokens, caches, names):
         static_validate_inputs(
             t, slice_indices, c, total_update_slices, page_size=page_size,
-            slices_per_processing_page=slices_per_processing_page, names=n,
+            slices_per_processing_page=slices_per_processing_page, names=n, k_scale=k_scale, v_scale=v_scale,
+        )
+    quantized = {np.dtype(t.dtype) != np.dtype(c.dtype) for t, c in zip(tokens, caches)}
+    if len(quantized) > 1:
+        raise TypeError(
+            "either every cache is written in its tokens' dtype or every one is quantized, got "
+            + ", ".join(f"{n[0]} {np.dtype(t.dtype)} -> {n[2]} {np.dtype(c.dtype)}" for t, c, n in zip(tokens, caches, names))
         )
     if len(tokens) > 1:
         (t0, c0, n0), *rest = zip(tokens, caches, names)
@@ -50,15 +59,25 @@ def static_validate_pairs(
                     f"{n[2]} has {rows} rows but {n0[2]} has {rows0} (shapes {np.shape(c)} and {np.shape(c0)})"
                 )
     if for_tpu_kernel:
-        problem = tpu_problem(tokens, caches, page_size=page_size, slices_per_processing_page=slices_per_processing_page)
+        problem = tpu_config(
+            tokens, slice_indices, caches, page_size=page_size, slices_per_processing_page=slices_per_processing_page,
+            vmem_limit_bytes=vmem_limit_bytes,
+        ).problem
         if problem:
             raise ValueError(problem)
+    return quantized.pop()
 
 
-def tpu_problem(tokens, caches, *, page_size, slices_per_processing_page) -> str | None:
-    """Why one Pallas kernel launch cannot update these caches, or None."""
-    rows = [(tuple(np.shape(t)[1:]), np.dtype(c.dtype)) for t, c in zip(tokens, caches)]
-    return kernel_problem(rows, page_size=page_size, slices_per_processing_page=slices_per_processing_page or 1)
+def tpu_config(
+    tokens, slice_indices, caches, *, page_size, slices_per_processing_page=None, vmem_limit_bytes=None
+) -> KernelConfig:
+    """How one Pallas kernel launch would update these caches (``problem``:
+    why it cannot, or None)."""
+    rows = vmem_buffers([(np.shape(t)[1:], t.dtype, c.dtype) for t, c in zip(tokens, caches)])
+    return kernel_config(
+        rows, page_size=page_size, num_slices=np.shape(slice_indices)[1],
+        slices_per_processing_page=slices_per_processing_page, vmem_limit_bytes=vmem_limit_bytes,
+    )
 
 
 def check_page_shard_index(page_shard_index, num_rows: int) -> None:
@@ -121,12 +140,17 @@ def localize_slices(
 
 def prepare(
     tokens, slice_indices, caches, total_update_slices, *, page_size, slices_per_processing_page=None,
-    for_tpu_kernel=False, validate=None, page_shard_index=None, names=(NAMES,),
-):  # -> int[3, S]: the slices to apply to these caches
-    """Steps 1-3 above; returns the slice indices the implementation applies."""
-    static_validate_pairs(
+    for_tpu_kernel=False, validate=None, page_shard_index=None, names=(NAMES,), vmem_limit_bytes=None,
+    k_scale=None, v_scale=None,
+):  # -> (int[3, S]: the slices to apply, f32[n, 2] scales per cache or None)
+    """Steps 1-3 above; returns the slice indices the implementation applies
+    and, for a quantized write, each cache's (even heads, odd heads) scales:
+    one cache of interleaved heads takes ``(k_scale, v_scale)``, a K and a V
+    cache take ``(k_scale, k_scale)`` and ``(v_scale, v_scale)``."""
+    quantized = static_validate_pairs(
         tokens, slice_indices, caches, total_update_slices, page_size=page_size,
         slices_per_processing_page=slices_per_processing_page, for_tpu_kernel=for_tpu_kernel, names=names,
+        vmem_limit_bytes=vmem_limit_bytes, k_scale=k_scale, v_scale=v_scale,
     )
     num_rows = cache_rows(np.shape(tokens[0]), np.shape(caches[0]), page_size=page_size, names=names[0])[0]
     check_page_shard_index(page_shard_index, num_rows)
@@ -134,9 +158,10 @@ def prepare(
         tokens, slice_indices, caches, total_update_slices, page_size=page_size, validate=validate, names=names,
         page_shard_index=page_shard_index,
     )
+    scales = scale_pairs(k_scale, v_scale, "interleaved" if len(tokens) == 1 else "separate") if quantized else None
     if page_shard_index is None:
-        return slice_indices
-    return localize_slices(jnp.asarray(slice_indices), num_rows=num_rows, page_shard_index=page_shard_index)
+        return slice_indices, scales
+    return localize_slices(jnp.asarray(slice_indices), num_rows=num_rows, page_shard_index=page_shard_index), scales
 
 
-__all__ = ["KV_NAMES", "check_slice_data", "localize_slices", "prepare", "static_validate_pairs", "tpu_problem"]
+__all__ = ["KV_NAMES", "check_slice_data", "localize_slices", "prepare", "static_validate_pairs", "tpu_config"]

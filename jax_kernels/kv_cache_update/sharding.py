@@ -43,7 +43,8 @@ def kv_cache_update_sharded(
     heads_axis: str | None = "h",
     pages_axis: str | None = None,
     page_size: int = 32,
-    slices_per_processing_page: int = 8,
+    slices_per_processing_page: int | None = None,
+    vmem_limit_bytes: int | None = None,
     interpret=False,
 ):
     """``kv_cache_update`` on a cache sharded over ``mesh``'s ``heads_axis``
@@ -97,7 +98,7 @@ def kv_cache_update_sharded(
         shard = None if pages_axis is None else jax.lax.axis_index(pages_axis)
         return kv_cache_update(
             new, idx, cache, total, page_size=page_size, slices_per_processing_page=slices_per_processing_page,
-            validate=False, page_shard_index=shard,
+            vmem_limit_bytes=vmem_limit_bytes, validate=False, page_shard_index=shard,
         )
 
     cache_spec = _cache_spec(len(cache_shape), row_ndim, pages_axis=pages_axis, heads_axis=heads_axis)

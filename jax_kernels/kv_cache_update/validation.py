@@ -15,13 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-# The Pallas kernel moves whole [H, D] rows with DMAs; TPU vector registers are
-# 128 lanes wide, so the kernel's VMEM staging buffer needs head_dim % 128 == 0.
-# The pure-JAX fallbacks have no such rule.
-TPU_LANE_WIDTH = 128
-# Default scoped VMEM budget on the smallest current TPUs (v5e: 16 MiB).
-TPU_VMEM_SCRATCH_LIMIT_BYTES = 16 * 1024 * 1024
-
+from .quantize import quantizes
+from .tpu_config import kernel_config, tpu_kernel_config, vmem_buffers
 
 #: The argument names of ``kv_cache_update``, in order; callers with other
 #: names (the torch op's ``kv_cache``, ``kv_cache_update_kv``'s ``key``/``k_cache``)
@@ -74,10 +69,21 @@ def cache_rows(new_shape, cache_shape, *, page_size: int, names=NAMES) -> tuple[
     if len(cache_shape) == len(row) + 2:
         if cache_shape[1] != page_size:
             raise ValueError(f"paged {cache_name}.shape[1]={cache_shape[1]} must equal {page_size=}")
-        return cache_shape[0] * page_size, row
-    if cache_shape[0] % page_size:
+        num_rows = cache_shape[0] * page_size
+    elif cache_shape[0] % page_size:
         raise ValueError(f"{cache_name}.shape[0]={cache_shape[0]} is not a multiple of {page_size=}")
-    return cache_shape[0], row
+    else:
+        num_rows = cache_shape[0]
+    for name, count in ((cache_name, num_rows), (tok_name, new_shape[0])):
+        if count > INT32_MAX:
+            raise ValueError(
+                f"{name} has {count} rows; rows are indexed with int32, so at most {INT32_MAX} "
+                f"(shard a larger cache over its pages: page_shard_index / kv_cache_update_sharded)"
+            )
+    return num_rows, row
+
+
+INT32_MAX = 2**31 - 1
 
 
 def static_validate_inputs(
@@ -90,13 +96,20 @@ def static_validate_inputs(
     slices_per_processing_page: int | None = None,
     for_tpu_kernel: bool = False,
     names: tuple[str, str, str, str] = NAMES,
+    k_scale=None,
+    v_scale=None,
 ) -> None:
     """Check ranks, shapes, dtypes and static config. Raises ValueError/TypeError.
+
+    The dtypes are equal, or the write quantizes (``quantize.quantizes``: an
+    8-bit cache from wider rows, both scales given and, when concrete,
+    positive and finite).
 
     The cache holds rows of the tokens' per-row shape (see :func:`cache_rows`);
     a packed row ``[H', pack, D']`` must have ``pack == 32 // bits(dtype)``.
     ``for_tpu_kernel=True`` adds the Pallas kernel's own rules
-    (``head_dim % 128 == 0`` and the VMEM staging budget). ``names``: the
+    (``head_dim % 128 == 0``, the VMEM staging budget and SMEM: see
+    ``tpu_config``). ``names``: the
     argument names errors use, in this order.
     """
     tok_name, idx_name, cache_name, total_name = names
@@ -116,10 +129,7 @@ def static_validate_inputs(
     for name, x in ((idx_name, slice_indices), (total_name, total_update_slices)):
         if not np.issubdtype(_dtype(x), np.integer):
             raise TypeError(f"{name} must have an integer dtype, got {_dtype(x)}")
-    if _dtype(new_kv_tokens) != _dtype(kv_cache_pages):
-        raise TypeError(
-            f"{tok_name}.dtype={_dtype(new_kv_tokens)} must equal {cache_name}.dtype={_dtype(kv_cache_pages)}"
-        )
+    quantizes(_dtype(new_kv_tokens), _dtype(kv_cache_pages), k_scale, v_scale, names=(tok_name, cache_name))
     if len(row) == 3:
         bits = _dtype(kv_cache_pages).itemsize * 8
         if bits > 32 or row[1] != 32 // bits:
@@ -130,47 +140,28 @@ def static_validate_inputs(
             )
 
     if for_tpu_kernel:
-        problem = kernel_problem(
-            [(row, _dtype(kv_cache_pages))], page_size=page_size,
-            slices_per_processing_page=slices_per_processing_page or 1,
-        )
+        problem = kernel_config(
+            vmem_buffers([(row, _dtype(new_kv_tokens), _dtype(kv_cache_pages))]), page_size=page_size,
+            num_slices=idx_shape[1],
+            slices_per_processing_page=slices_per_processing_page,
+        ).problem
         if problem:
             raise ValueError(problem)
 
 
 def tpu_kernel_problem(
-    cache_shape, dtype, *, page_size: int, slices_per_processing_page: int, row_ndim: int | None = None
+    cache_shape, dtype, *, page_size: int, slices_per_processing_page: int | None = None, num_slices: int | None = None,
+    row_ndim: int | None = None,
 ) -> str | None:
-    """Why the Pallas kernel cannot take a cache of this shape/dtype, or None.
-
-    ``row_ndim``: how many trailing dims make a row (2 for ``[H, D]``, 3 for
-    packed ``[H', pack, D']``); by default 2, or 3 for a rank-5 cache."""
-    if row_ndim is None:
-        row_ndim = 3 if len(cache_shape) == 5 else 2
-    row = tuple(cache_shape[len(cache_shape) - row_ndim:])
-    return kernel_problem([(row, dtype)], page_size=page_size, slices_per_processing_page=slices_per_processing_page)
-
-
-def kernel_problem(rows, *, page_size: int, slices_per_processing_page: int) -> str | None:
-    """Why the Pallas kernel cannot update caches with these ``(row shape,
-    dtype)`` rows in one launch (one staging buffer each), or None."""
-    for row, _ in rows:
-        head_dim = row[-1]
-        if head_dim % TPU_LANE_WIDTH:
-            return (
-                f"{head_dim=} must be a multiple of {TPU_LANE_WIDTH} for the Pallas TPU "
-                f"kernel (TPU lane width); the JAX fallbacks accept any head_dim"
-            )
-    row_bytes = sum(int(np.prod(row)) * np.dtype(dtype).itemsize for row, dtype in rows)
-    scratch = slices_per_processing_page * page_size * row_bytes
-    if scratch > TPU_VMEM_SCRATCH_LIMIT_BYTES:
-        return (
-            f"the kernel's VMEM staging buffers would take {scratch} bytes "
-            f"({slices_per_processing_page=} x {page_size=} x {row_bytes} bytes per row"
-            f"{' over ' + str(len(rows)) + ' caches' if len(rows) > 1 else ''}); lower "
-            f"slices_per_processing_page to stay under {TPU_VMEM_SCRATCH_LIMIT_BYTES} bytes"
-        )
-    return None
+    """Why the Pallas kernel cannot take a cache of this shape/dtype, or None:
+    ``tpu_kernel_config(...).problem`` (``num_slices`` defaults to
+    ``slices_per_processing_page``, or 64)."""
+    if num_slices is None:
+        num_slices = slices_per_processing_page or 64
+    return tpu_kernel_config(
+        cache_shape, dtype, page_size=page_size, num_slices=num_slices,
+        slices_per_processing_page=slices_per_processing_page, row_ndim=row_ndim,
+    ).problem
 
 
 def dynamic_validate_inputs(
@@ -221,7 +212,12 @@ def slice_columns(slice_indices, total_update_slices, *, names=NAMES) -> np.ndar
     total = int(np.asarray(total_update_slices).reshape(-1)[0])
     if not 0 <= total <= num_slices:
         raise ValueError(f"{names[3]}={total} must be in [0, num_slices={num_slices}]")
-    return idx[:, :total].astype(np.int64)
+    cols = idx[:, :total]
+    if cols.dtype == np.uint64 and total and cols.max() > np.iinfo(np.int64).max:
+        j = int(np.argmax((cols > np.iinfo(np.int64).max).any(axis=0)))
+        d, s, n = (int(v) for v in cols[:, j])
+        raise ValueError(f"{names[1]}[:, {j}] = (dst={d}, src={s}, len={n}): values beyond int64")
+    return cols.astype(np.int64)
 
 
 def check_slice_columns(cols: np.ndarray, *, num_tokens: int, num_rows: int, page_size: int, names=NAMES) -> None:
