@@ -9,6 +9,9 @@
 import bridge  # noqa: F401  (first: JAX is imported through bridge._jax_import and its guard rule)
 
 from . import _library  # noqa: F401  (registers the ops)
+from ._torchax import enable_torchax, install as _install_torchax  # noqa: E402
+from ._torchtpu import install as _install_torchtpu  # noqa: E402
+_install_torchax(), _install_torchtpu()  # torchax / TorchTPU kernels: now if loaded, else right after their import
 from ._impls import IMPLS
 from ._validation import validation, validation_mode
 from .api import kv_cache_update, kv_cache_update_functional, kv_cache_update_kv, kv_cache_update_kv_functional
@@ -21,6 +24,7 @@ from .page_tables import (
 
 __all__ = [
     "IMPLS",
+    "enable_torchax",
     "kv_cache_update",
     "kv_cache_update_functional",
     "kv_cache_update_kv",

@@ -15,7 +15,6 @@ slice metadata.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import numpy as np
