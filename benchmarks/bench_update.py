@@ -2,6 +2,17 @@
 
     PJRT_DEVICE=CPU python benchmarks/bench_update.py            # full sweep (< 10 min on 2 cores)
     PJRT_DEVICE=CPU python benchmarks/bench_update.py --quick    # smoke run (~30 s)
+    PJRT_DEVICE=CPU python benchmarks/bench_update.py --threads 1  # the whole sweep on one intra-op thread
+
+Threads: the sweep runs at torch's default intra-op thread count (what a user
+gets; ``OMP_NUM_THREADS`` sets it) unless ``--threads N`` is given; the table's
+header and the log say which. At every eager decode point the op (``op:auto``)
+and ``index_copy_`` are also timed at 1 thread and at the run's thread count,
+the four sampled in turns (the thread count is set before every call, ~0.2 µs),
+in a table of their own: ``index_copy_`` of float32 rows runs in parallel above
+32,768 elements (a decode step's 131,072 do), while the op's copy of 16-byte
+words stays on one thread up to 512 KiB of rows, so their ratio depends on
+the thread count.
 
 Paths, timed in one run on the same inputs at each sweep point:
 
@@ -54,6 +65,7 @@ import datetime
 import functools
 import gc
 import importlib.util
+import json
 import math
 import os
 import pathlib
@@ -94,6 +106,8 @@ _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 SLICES_PER_PROCESSING_PAGE = 8
 NOISY = 1.5  # max/min of a path's samples above which they are taken again
 SOLO_CALLS = 10  # a path whose one call lasts over this many --min-time samples is sampled alone
+DEFAULT_THREADS = torch.get_num_threads()  # torch's default intra-op thread count, before --threads
+THREAD_PATHS = ("op:auto", "index_copy_")  # the eager decode paths also timed at 1 thread
 
 FULL = dict(sizes=[16, 64, 256, 1024], shapes=list(SHAPES), dtypes=["float32", "bfloat16"], page_sizes=[16, 32],
             repeats=5, min_time=0.02, max_call_s=2.0, interpret_max_slices=64)
@@ -113,11 +127,34 @@ JAX_FNS = {
 }
 
 
+# tpu-inference's packed cache (RPA v3) of bfloat16 head_dim 64: kvH = 8 → rows [8, 2, 128], the
+# same 4,096 bytes as the combined [16, 128] rows, so a packed path runs on the very same cache,
+# viewed as [P, page_size, 8, 2, 128] (a free view): the packed code path, timed side by side.
+PACKED_ROW = (8, 2, 128)
+PACKED_DTYPES = ("bfloat16",)
+PACKED_PATHS = {"jax:auto packed": "jax:auto", "op:auto packed": "op:auto"}
+
+
+def packed_view(x, page_size=None):
+    """``x`` (``[N, 16, 128]`` rows) as packed rows ``[N, 8, 2, 128]``, or paged ``[N / ps, ps, 8, 2, 128]``."""
+    shape = (x.shape[0], *PACKED_ROW) if page_size is None else (x.shape[0] // page_size, page_size, *PACKED_ROW)
+    return x.reshape(shape) if isinstance(x, jax.Array) else x.view(shape)
+
+
 def jax_step(path: str, page_size: int, dtype: str):
-    """The jitted, cache-donating update of a ``jax:*`` path."""
-    impl, make = JAX_FNS[path]
+    """The jitted, cache-donating update of a ``jax:*`` path (a packed path updates the cache's
+    packed paged view inside the jit: its reshapes are bitcasts, the donation holds)."""
+    impl, make = JAX_FNS[PACKED_PATHS.get(path, path)]
     options = jk.update_compiler_options(jnp.dtype(dtype), impl=impl)
-    return jax.jit(make(page_size), donate_argnums=2, compiler_options=options or None)
+    fn = make(page_size)
+    if path in PACKED_PATHS:
+        update = fn
+
+        def fn(new, idx, cache, total):
+            out = update(packed_view(new), idx, packed_view(cache, page_size), total)
+            return out.reshape(cache.shape)
+
+    return jax.jit(fn, donate_argnums=2, compiler_options=options or None)
 
 
 def log(msg: str) -> None:
@@ -236,6 +273,8 @@ class Runner:
         self.first_time: dict[tuple, tuple] = {}
         self.last_time: dict[tuple, tuple] = {}
         self.skipped: list[dict] = []
+        # Eager decode, op:auto and index_copy_ at 1 thread and at the run's thread count (one record each).
+        self.thread_records: list[dict] = []
 
     # ---- sweep points
 
@@ -378,11 +417,50 @@ class Runner:
                         new, idx, cache, total, ps, SLICES_PER_PROCESSING_PAGE, impl),
                     None,
                 )
+            if dtype in PACKED_DTYPES:
+                paths["op:auto packed"] = (
+                    lambda new=packed_view(new), idx=idx, total=total, ps=ps, paged=packed_view(cache, ps):
+                    torch.ops.paged_kv.kv_cache_update(new, idx, paged, total, ps, SLICES_PER_PROCESSING_PAGE, "auto"),
+                    None,
+                )
             self.run_paths("cpu", w, dtype, size, {
                 path: (step, check or (lambda step=step: check_cache(step))) for path, (step, check) in paths.items()
             })
+            if shape == "decode":
+                self.thread_compare(w, dtype, size, {p: paths[p][0] for p in THREAD_PATHS})
         del cache
         gc.collect()
+
+    def thread_compare(self, w, dtype: str, size: float, steps: dict) -> None:
+        """Time ``steps`` (``op:auto`` and ``index_copy_``) at 1 thread and at the
+        run's thread count, the four in turns; skipped when the run is on one
+        thread or a path failed its check. The thread count is set before every
+        call and restored after."""
+        threads = torch.get_num_threads()
+        checked = all(self.checks.get(("cpu", w.batch.shape, dtype, w.batch.page_size, p), {}).get("ok") for p in steps)
+        if threads == 1 or not checked:
+            return
+
+        def at(n, step):
+            def run():
+                torch.set_num_threads(n)
+                step()
+            return run
+
+        timed = {(n, path): (at(n, step), self.cfg.max_call_s, 1) for n in (1, threads) for path, step in steps.items()}
+        try:
+            results = measure_interleaved(timed, repeats=self.cfg.repeats, min_time=self.cfg.min_time)
+        except Exception as e:  # noqa: BLE001 — reported, not fatal
+            log(f"  cpu {w.batch.shape} {dtype}: thread comparison raised {type(e).__name__}: {e}")
+            return
+        finally:
+            torch.set_num_threads(threads)
+        for (n, path), m in results.items():
+            self.thread_records.append(dict(
+                backend="cpu", shape=w.batch.shape, dtype=dtype, page_size=w.batch.page_size, size_mib=size,
+                num_rows=w.num_rows, path=path, threads=n, **m))
+            log(f"  cpu {w.batch.shape:7} ps={w.batch.page_size:<2} {path + f' ({n} thread' + ('s)' if n > 1 else ')'):22}"
+                f" {m['median_s'] * 1e6:11.1f} µs  (x{m['number']})")
 
     def cpu_jax(self, dtype: str, size: float) -> None:
         rows = cache_rows(size, dtype, self.cfg.page_sizes)
@@ -393,7 +471,7 @@ class Runner:
             new = jnp.asarray(w.new_tokens)
             idx, total = jnp.asarray(w.slice_indices), jnp.asarray(w.total)
             paths = {}
-            for path in JAX_FNS:
+            for path in (*JAX_FNS, *(["jax:auto packed"] if dtype in PACKED_DTYPES else [])):
                 fn = fns.setdefault((path, ps), jax_step(path, ps, dtype))
 
                 def step(fn=fn, new=new, idx=idx, total=total):
@@ -499,7 +577,9 @@ def parse_args(argv=None):
                         "path growing with the cache is not run where it would exceed this (default 2)")
     p.add_argument("--interpret-max-slices", type=int,
                    help="run pallas_interpret only on updates with max_num_slices <= this (default 64 = decode; quick 8)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--threads", type=int,
+                   help=f"intra-op threads for the whole run, torch.set_num_threads (default: torch's default, "
+                        f"{DEFAULT_THREADS} here); the eager decode is also timed at 1 thread unless this is 1")
     p.add_argument("--seed", type=int, default=0, help="seed of the layouts and tokens (default 0)")
     p.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
                    help=f"results folder (default {DEFAULT_OUT.relative_to(ROOT)})")
@@ -511,6 +591,8 @@ def parse_args(argv=None):
             setattr(args, name, list(default) if isinstance(default, list) else default)
     if args.repeats < 5:
         p.error("--repeats must be >= 5 (the median of at least 5 timed runs)")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
     bad = [s for s in args.shapes if s not in SHAPES]
     if bad:
         p.error(f"unknown shapes {bad}; choose from {SHAPES}")
@@ -527,6 +609,7 @@ def environment(cfg) -> dict:
         python=platform.python_version(), torch=torch.__version__, jax=jax.__version__,
         jaxlib=getattr(jax.lib, "__version__", None) or _version("jaxlib"), torch_xla=_version("torch_xla"),
         numpy=np.__version__, cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
+        torch_threads_default=DEFAULT_THREADS, threads_note=threads_note(cfg),
         machine=platform.machine(), system=platform.platform(), pjrt_device=os.environ.get("PJRT_DEVICE"),
         heads=HEADS, head_dim=HEAD_DIM, slices_per_processing_page=SLICES_PER_PROCESSING_PAGE,
         argv=sys.argv[1:], quick=cfg.quick, sizes_mib=cfg.sizes, shapes=cfg.shapes, dtypes=cfg.dtypes,
@@ -535,6 +618,39 @@ def environment(cfg) -> dict:
         started=datetime.datetime.now().isoformat(timespec="seconds"), loadavg_start=_loadavg(),
     )
     return env
+
+
+def threads_note(cfg) -> str:
+    """Where the run's thread count comes from, for the headers."""
+    if cfg.threads:
+        return f" (--threads {cfg.threads}; torch's default here: {DEFAULT_THREADS})"
+    omp = os.environ.get("OMP_NUM_THREADS")
+    return " (torch's default" + (f", OMP_NUM_THREADS={omp}" if omp else "") + ")"
+
+
+def threads_markdown(records: list[dict], env: dict) -> str:
+    """The eager decode at 1 thread and at the run's thread count: µs and the
+    op / ``index_copy_`` ratio per sweep point (medians of samples taken in turns)."""
+    n = env["torch_threads"]
+    title = f"## Eager decode at 1 thread and at {n} threads{env.get('threads_note', '')}"
+    if not records:
+        why = "the run used one thread" if n == 1 else "no eager decode point was timed"
+        return f"{title}\n\nNot measured: {why}.\n"
+    med = {(r["dtype"], r["page_size"], r["size_mib"], r["path"], r["threads"]): r["median_s"] for r in records}
+    points = sorted({(r["dtype"], r["page_size"], r["size_mib"]) for r in records},
+                    key=lambda p: (env["dtypes"].index(p[0]) if p[0] in env["dtypes"] else 9, p[1], p[2]))
+    out = [title, "",
+           "`op:auto` and `index_copy_` of the same rows, the four sampled in turns (median µs); ratio = op / "
+           "index_copy_ at the same thread count. The tables above are at the run's thread count.", "",
+           f"| dtype | page | cache | op 1 thread | index_copy_ 1 thread | ratio | op {n} threads "
+           f"| index_copy_ {n} threads | ratio |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for dtype, ps, size in points:
+        cells = []
+        for t in (1, n):
+            op, ic = med.get((dtype, ps, size, "op:auto", t)), med.get((dtype, ps, size, "index_copy_", t))
+            cells += [report.fmt_us(op), report.fmt_us(ic), f"{op / ic:.2f}" if op and ic else "—"]
+        out.append(f"| {dtype} | {ps} | {fmt_size(size)} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
 
 
 def _version(module):
@@ -563,7 +679,8 @@ def main(argv=None) -> int:
     env = environment(cfg)
     env["xla"] = cfg.xla
     log(f"bench_update: sizes {cfg.sizes} MiB, shapes {cfg.shapes}, dtypes {cfg.dtypes}, page sizes {cfg.page_sizes}, "
-        f"repeats {cfg.repeats}, xla {cfg.xla}; load average {env['loadavg_start']} on {env['cpus']} CPUs")
+        f"repeats {cfg.repeats}, xla {cfg.xla}; torch threads {env['torch_threads']}{env['threads_note']}; "
+        f"load average {env['loadavg_start']} on {env['cpus']} CPUs")
     t0 = time.perf_counter()
     runner = Runner(cfg)
     runner.run()
@@ -573,7 +690,17 @@ def main(argv=None) -> int:
                                  smallest_size_mib={d: runner.smallest_size(s, d, ps) for d in cfg.dtypes})
                for (s, ps), b in runner.batches.items()}
     files = report.write_all(cfg.out, env, batches, runner.records, list(runner.checks.values()), runner.skipped)
+    threads_md = threads_markdown(runner.thread_records, env) if "decode" in cfg.shapes else ""
+    if threads_md:
+        table = pathlib.Path(cfg.out) / "bench_update.md"
+        table.write_text(table.read_text() + "\n" + threads_md)
+        data_path = pathlib.Path(cfg.out) / "bench_update.json"
+        data = json.loads(data_path.read_text())
+        data["thread_records"] = runner.thread_records
+        data_path.write_text(json.dumps(data, indent=1, default=str))
     print(files["bars_text"])
+    if threads_md:
+        print(threads_md)
     log(f"wrote {', '.join(str(p) for p in files['paths'])} in {env['wall_s']} s")
     failed = [c for c in runner.checks.values() if not c["ok"]]
     if failed:

@@ -6,7 +6,8 @@ import json
 import pathlib
 
 BACKENDS = {"cpu": "CPU eager", "xla": "PyTorch/XLA (CPU PJRT)"}
-PATH_ORDER = ("memcpy", "index_copy_", "op:auto", "op:jax", "op:pallas_interpret", "jax:auto", "jax:scatter", "jax:scan")
+PATH_ORDER = ("memcpy", "index_copy_", "op:auto", "op:auto packed", "op:jax", "op:pallas_interpret", "jax:auto",
+              "jax:auto packed", "jax:scatter", "jax:scan")
 FLAT_MAX = 1.3
 
 # The bars of the issue, evaluated on one run's ratios.

@@ -27,7 +27,7 @@ def as_copyable(t: torch.Tensor) -> torch.Tensor:
     return t.view(_BITS[t.element_size()]) if t.dtype in _COPY_AS_BITS else t
 
 
-_WORDS = (torch.complex128, torch.float64)  # 16- and 8-byte words
+_WORDS = ((torch.complex128, 16), (torch.float64, 8))  # (word, bytes): 16- and 8-byte words
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -38,15 +38,25 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     fill whole words together; failing both (or unaligned), :func:`as_copyable`.
 
     ``index_copy_`` then moves 16- or 8-byte words: measured 2-3x faster than
-    the native bfloat16 kernel and up to 2x faster for float32. It only moves
+    the native bfloat16 kernel and up to 3x faster for float32. It only moves
     them — no arithmetic — so the bits, NaN payloads and denormals included,
-    arrive unchanged (a test copies every bfloat16 bit pattern this way)."""
+    arrive unchanged (a test copies every bfloat16 bit pattern this way).
+
+    Wider words also mean fewer elements, which decides whether the copy runs
+    on one thread: ``index_copy_`` (a TensorIterator) runs serially up to
+    32,768 elements (``at::internal::GRAIN_SIZE``), i.e. up to 512 KiB of
+    rows as 16-byte words (a decode step of 64 rows of 16 x 128 float32:
+    no OpenMP region, no thread wake-up, the same time at any thread count),
+    and starts a parallel region (waking every intra-op thread) only above
+    that (measured 2-3x faster on 2 idle cores; on a busy machine a region
+    can wait a scheduler tick for a descheduled thread, as torch's own ops do)."""
     if t.dim() == 3 and t.stride(2) == 1:
-        itemsize = t.element_size()
-        for word in _WORDS:
-            if t.shape[2] * itemsize % word.itemsize == 0:
+        heads, dim = t.shape[1], t.shape[2]
+        head_bytes = dim * t.element_size()
+        for word, size in _WORDS:
+            if head_bytes % size == 0:
                 shaped = t
-            elif t.stride(1) == t.shape[2] and t.shape[1] * t.shape[2] * itemsize % word.itemsize == 0:
+            elif t.stride(1) == dim and heads * head_bytes % size == 0:
                 shaped = t.view(t.shape[0], -1)
             else:
                 continue
@@ -57,17 +67,18 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return as_copyable(t)
 
 
-def _index_on(rows: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``rows`` as an index tensor on ``device`` (shared with numpy on CPU)."""
+def _index_on(rows: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """``rows`` as an index tensor on ``like``'s device (shared with numpy on CPU)."""
     index = torch.from_numpy(rows)
-    return index if device.type == "cpu" else index.to(device)
+    return index if like.is_cpu else index.to(like.device)
 
 
 def copy_rows_(flat: torch.Tensor, dst_rows: np.ndarray, rows: torch.Tensor) -> None:
-    """``flat[dst_rows[i]] = rows[i]`` for every ``i``, with one ``index_copy_``."""
-    index = _index_on(dst_rows, flat.device)
+    """``flat[dst_rows[i]] = rows[i]`` for every ``i``, with one ``index_copy_``
+    (on one thread up to 512 KiB of rows: see :func:`as_rows`)."""
+    index = _index_on(dst_rows, flat)
     dst, src = as_rows(flat), as_rows(rows)
-    if dst.dtype != src.dtype or dst.shape[1:] != src.shape[1:]:
+    if dst.dtype is not src.dtype or dst.shape[1:] != src.shape[1:]:
         dst, src = as_copyable(flat), as_copyable(rows)
     dst.index_copy_(0, index, src)
 
@@ -78,21 +89,26 @@ class RowPlan:
 
     Built from the valid columns ``i64[3, total]`` that
     ``torch_ops._validation.host_columns`` returns; it runs on every eager
-    call, so it does only the numpy work the row copy needs."""
+    call, so it does only the numpy work the row copy needs (a decode step,
+    every slice one row: one comparison and one reduction)."""
 
     def __init__(self, cols: np.ndarray):
-        dst, src, length = cols  # i64[total] each
-        if not length.all():
-            keep = length > 0
-            dst, src, length = dst[keep], src[keep], length[keep]
+        dst, src, length = cols[0], cols[1], cols[2]  # i64[total] each (indexing is cheaper than unpacking)
+        if (length == 1).all():  # every slice is one row (decode): nothing to drop or count
+            num_rows = len(length)
+        else:
+            if not length.all():
+                keep = length > 0
+                dst, src, length = dst[keep], src[keep], length[keep]
+            num_rows = int(length.sum())
         self.dst, self.src, self.length = dst, src, length  # i64[n] each
-        self.num_rows = int(length.sum())
-        if self.num_rows == len(length):  # every slice is one row (decode): nothing to expand
+        self.num_rows = num_rows
+        if num_rows == len(length):  # every slice is one row: nothing to expand
             self._within = None
             self.dst_rows = dst
         else:
             # i64[num_rows]: the row offset within its slice, for every copied row.
-            self._within = np.arange(self.num_rows) - np.repeat(self.packed_start, length)
+            self._within = np.arange(num_rows) - np.repeat(self.packed_start, length)
             self.dst_rows = np.repeat(dst, length) + self._within  # i64[num_rows]
 
     @functools.cached_property
@@ -100,15 +116,24 @@ class RowPlan:
         """i64[n]: the first packed row of each slice."""
         return np.cumsum(self.length) - self.length
 
-    def source_rows(self, new_kv_tokens: torch.Tensor) -> torch.Tensor:
-        """The source rows in packed order: a view when the slices read one
-        contiguous run of ``new_kv_tokens`` in order (block-table layouts do),
-        else a gather."""
+    @functools.cached_property
+    def contiguous_source(self) -> bool:
+        """Whether the slices read one contiguous run of the tokens, in order."""
         src = self.src
-        if (src[1:] - src[:-1] == self.length[:-1]).all():
-            return new_kv_tokens.narrow(0, int(src[0]), self.num_rows)
+        return bool((src[1:] - src[:-1] == self.length[:-1]).all())
+
+    def source_rows(self, new_kv_tokens: torch.Tensor) -> torch.Tensor:
+        """The source rows in packed order: ``new_kv_tokens`` itself or a view
+        of it when the slices read one contiguous run of it in order
+        (block-table layouts do), else a gather."""
+        if self.contiguous_source:
+            start = int(self.src[0]) if len(self.src) else 0
+            if start == 0 and self.num_rows == new_kv_tokens.shape[0]:
+                return new_kv_tokens  # the whole tensor (no view to make)
+            return new_kv_tokens.narrow(0, start, self.num_rows)
+        src = self.src
         src_rows = src if self._within is None else np.repeat(src, self.length) + self._within
-        return new_kv_tokens.index_select(0, _index_on(src_rows, new_kv_tokens.device))
+        return new_kv_tokens.index_select(0, _index_on(src_rows, new_kv_tokens))
 
 
 def update_rows_(new_kv_tokens: torch.Tensor, cols: np.ndarray, flat: torch.Tensor) -> None:

@@ -26,6 +26,7 @@ The ops are defined with ``torch.library.Library`` rather than
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -57,6 +58,11 @@ class _Op:
     @property
     def num_pairs(self) -> int:
         return len(self.names)
+
+    @functools.cached_property
+    def grad_names(self) -> tuple:
+        """The tokens' and the caches' argument names (the tensors that must not require grad)."""
+        return tuple(n[0] for n in self.names) + tuple(n[2] for n in self.names)
 
     def schema(self, functional: bool) -> str:
         tokens = ", ".join(f"Tensor {n[0]}" for n in self.names)
@@ -117,11 +123,11 @@ def _write_eager(tokens, flats, cols, num_slices, page_size, slices_per_processi
             f"impl='pallas' needs PyTorch/XLA tensors on a TPU, got {flats[0].device} tensors; "
             f"use impl='pallas_interpret' to run the kernel's code elsewhere"
         )
-    scales = _quantize.scale_pairs(len(tokens), k_scale, v_scale)
-    for new_kv_tokens, flat, (even, odd) in zip(tokens, flats, scales):
+    scales = _quantize.scale_pairs(len(tokens), k_scale, v_scale) if k_scale is not None else [None] * len(tokens)
+    for new_kv_tokens, flat, pair in zip(tokens, flats, scales):
         rows = _validation.flat_tokens(new_kv_tokens)  # [T, H, D], like flat's rows
-        if rows.dtype != flat.dtype:  # a quantized write: the rows in the cache's dtype first
-            rows = _quantize.quantize_rows(rows, even, odd, flat.dtype)
+        if pair is not None and rows.dtype != flat.dtype:  # a quantized write: the rows in the cache's dtype first
+            rows = _quantize.quantize_rows(rows, *pair, flat.dtype)
         if impl in ("auto", "torch"):
             _eager.update_rows_(rows, cols, flat)
         else:
@@ -143,12 +149,12 @@ def _refuse_grad(op_name, names, tensors):
 
 def _grad_names(op):
     """The float tensors' argument names, in the order of :func:`_grad_tensors`."""
-    return [n[0] for n in op.names] + [n[2] for n in op.names]
+    return op.grad_names
 
 
 def _grad_tensors(op, args):
-    tokens, _, caches, _, _ = op.split(args)
-    return [*tokens, *caches]
+    n = op.num_pairs
+    return (*args[:n], *args[n + 1 : 2 * n + 1])  # the tokens and the caches
 
 
 # ------------------------------------------------------------------- eager

@@ -91,8 +91,9 @@ _STATIC_OK: dict = {}  # signatures that passed validate_static (it depends on n
 
 
 def _signature(tensors, caches, page_size, slices_per_processing_page, impl):
+    # An absent scale is None in the key: its presence is part of the signature.
     return (
-        tuple((t.shape, t.dtype, t.device) for t in tensors),
+        tuple(None if t is None else (t.shape, t.dtype, t.device) for t in tensors),
         tuple(c.stride() for c in caches),  # the rows view depends on them
         page_size,
         slices_per_processing_page,
@@ -121,18 +122,20 @@ def validate_static_pairs(
     The outcome depends only on shapes, dtypes, devices, strides and the
     static arguments, so a signature that passed once is remembered.
     """
-    named = [(n[0], t) for t, n in zip(tokens, names)] + [(names[0][1], slice_indices)]
-    named += [(n[2], c) for c, n in zip(caches, names)] + [(names[0][3], total_update_slices)]
-    named += [(name, t) for name, t in (("k_scale", k_scale), ("v_scale", v_scale)) if t is not None]
-    for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    # The hot path (a signature seen before): one tuple of the tensors, one dict lookup.
+    tensors = (*tokens, slice_indices, *caches, total_update_slices, k_scale, v_scale)
     try:
-        key = _signature([t for _, t in named], caches, page_size, slices_per_processing_page, impl)
+        key = _signature(tensors, caches, page_size, slices_per_processing_page, impl)
         hash(key)
-    except TypeError:  # symbolic shapes (fake tensors under torch.compile): not cached
+    except (TypeError, AttributeError):  # not tensors, or symbolic shapes (fake tensors under torch.compile)
         key = None
-    if key not in _STATIC_OK:
+    if key is None or key not in _STATIC_OK:
+        named = [(n[0], t) for t, n in zip(tokens, names)] + [(names[0][1], slice_indices)]
+        named += [(n[2], c) for c, n in zip(caches, names)] + [(names[0][3], total_update_slices)]
+        named += [(name, t) for name, t in (("k_scale", k_scale), ("v_scale", v_scale)) if t is not None]
+        for name, t in named:
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         _validate_static_uncached(
             named, tokens, slice_indices, caches, total_update_slices, page_size=page_size,
             slices_per_processing_page=slices_per_processing_page, impl=impl, names=names,
@@ -142,6 +145,8 @@ def validate_static_pairs(
             if len(_STATIC_OK) > 4096:  # bounded: shapes are normally bucketed
                 _STATIC_OK.clear()
             _STATIC_OK[key] = True
+    if len(caches) == 1:
+        return [flat_cache(caches[0], tokens[0], names[0][2])]
     return [flat_cache(c, t, n[2]) for t, c, n in zip(tokens, caches, names)]
 
 
@@ -173,7 +178,9 @@ def _validate_static_uncached(
 def validate_scales(tokens_dtype, cache_dtype, k_scale, v_scale, names=NAMES) -> None:
     """The scales' values (a device→host read off CPU), by ``jax_kernels``'
     own check: positive and finite for a quantized write, None or 1 otherwise."""
-    values = [None if t is None else float(t.detach().to(torch.float32).reshape(-1)[0].cpu()) for t in (k_scale, v_scale)]
+    if k_scale is None and v_scale is None:
+        return  # the static check has seen the dtypes: nothing of value to read
+    values = [None if t is None else float(t.item()) for t in (k_scale, v_scale)]  # float32 → float: exact
     quantizes(
         torch_to_jax_dtype(tokens_dtype), torch_to_jax_dtype(cache_dtype), *values, names=(names[0], names[2])
     )
