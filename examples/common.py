@@ -15,10 +15,23 @@ import dataclasses
 import numpy as np
 
 
+# ``--dtype`` choices: the dtype of the weights, the activations and the KV cache.
+DTYPES = ("float32", "bfloat16")
+# ``--layout`` choices: how a paged cache row holds a token's K and V (``jax_kernels.layouts``).
+LAYOUTS = ("combined", "packed")
+# ``--kv-cache-dtype`` choices: "auto" is ``--dtype``; the others quantize on write.
+KV_CACHE_DTYPES = ("auto", "float8_e4m3fn", "float8_e5m2", "int8")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A tiny Llama-style decoder. ``head_dim`` is 128 so the Pallas kernel's
-    ``head_dim % 128 == 0`` rule holds (``--impl pallas_interpret`` works)."""
+    """A tiny Llama-style decoder.
+
+    ``head_dim`` (even, for the rotary halves; default 128) sets the projections'
+    widths; ``hidden_size`` stays 256. ``dtype`` (a name in :data:`DTYPES`) is the
+    dtype of the weights, the activations and the caches: the weights are made in
+    float32 (:func:`init_weights`) and rounded to it, identically in both frameworks.
+    """
 
     vocab_size: int = 256
     hidden_size: int = 256
@@ -30,6 +43,15 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     max_positions: int = 4096  # rows of the rotary tables
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int):
+            raise TypeError(f"head_dim={self.head_dim!r} must be an int")
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even and positive (rotary embeddings rotate halves)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not one of {', '.join(map(repr, DTYPES))}")
 
     @property
     def combined_kv_heads(self) -> int:
@@ -39,7 +61,7 @@ class ModelConfig:
     def describe(self) -> str:
         return (
             f"{self.num_layers} layers, hidden {self.hidden_size}, {self.num_heads} query / "
-            f"{self.num_kv_heads} KV heads, head_dim {self.head_dim}, vocab {self.vocab_size}, float32"
+            f"{self.num_kv_heads} KV heads, head_dim {self.head_dim}, vocab {self.vocab_size}, {self.dtype}"
         )
 
 
@@ -47,8 +69,10 @@ def init_weights(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
     """Random float32 weights from ``seed``, named like Hugging Face's Llama.
 
     Linear weights are ``[out_features, in_features]`` (``y = x @ W.T``), scaled
-    by ``1/sqrt(in_features)``; norms start at one. Both frameworks load these
-    exact arrays, so their weights are bit-identical.
+    by ``1/sqrt(in_features)``; norms start at one. Always float32, whatever
+    ``cfg.dtype``: both frameworks load these exact arrays and round them to
+    ``cfg.dtype`` (round to nearest even, the same bits in both), so their
+    weights are bit-identical.
     """
     rng = np.random.default_rng([seed, 0])
 
@@ -79,6 +103,7 @@ def rotary_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
 
     Computed once in float64 numpy and shared, so both frameworks rotate by
     bit-identical angles (their own ``cos``/``sin`` could differ in the last bit).
+    Float32, like the weights: the models round them to ``cfg.dtype``.
     """
     inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
     angles = np.outer(np.arange(cfg.max_positions, dtype=np.float64), inv_freq)  # f64[max_pos, D/2]
@@ -266,6 +291,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--page-size", type=int, default=16, help="rows per cache page (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the weights and the prompts (default 0)")
     parser.add_argument("--max-prompt-len", type=int, default=24, help="prompt lengths are 3..this (default 24)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="PyTorch's intra-op CPU threads, torch.set_num_threads (default 1: the model is tiny, "
+                             "and more threads mostly wait on each other, badly so on a busy machine; "
+                             "0: torch's default)")
 
 
 def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -274,6 +303,58 @@ def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.max_prompt_len < 3:
         parser.error("--max-prompt-len must be at least 3")
+    if args.threads < 0:
+        parser.error("--threads must be >= 0 (0: torch's default)")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """``--layout``, ``--head-dim`` and ``--dtype``: the generating examples' model and cache."""
+    parser.add_argument("--layout", choices=LAYOUTS, default="combined",
+                        help="the paged cache's rows (jax_kernels.layouts): combined [2*kv_heads, head_dim], "
+                             "heads k0, v0, k1, v1 (default); packed [H'/pack, pack, align(head_dim, 128)], "
+                             "tpu-inference's RPA v3 cache")
+    parser.add_argument("--head-dim", type=int, default=128,
+                        help="the model's head_dim (even; default 128). The Pallas kernel "
+                             "(--impl pallas_interpret) needs 128 lanes: a multiple of 128, or --layout packed")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="weights, activations and caches (default float32); the weights are made in "
+                             "float32 and rounded")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                        help="the caches' dtype (default auto: --dtype). The others quantize on write "
+                             "(q = x / scale, clipped, cast), with a K and a V scale per layer from its prefill: "
+                             "max |K| (|V|) over the prompts' tokens / the dtype's largest finite value "
+                             "(448, 57344, 127); attention reads x = q * scale. The run is then fed the ids of "
+                             "an unquantized run, to print how far its logits move and how many greedy ids agree")
+
+
+def check_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """:func:`add_model_args`' rules, and the kernel's: ``args.impl`` naming a Pallas
+    path needs rows of 128 lanes."""
+    if args.head_dim < 2 or args.head_dim % 2:
+        parser.error(f"--head-dim must be even and positive (rotary embeddings rotate halves), got {args.head_dim}")
+    if args.impl in ("pallas", "pallas_interpret") and args.layout == "combined" and args.head_dim % 128:
+        parser.error(f"--impl {args.impl} needs rows of 128 lanes: --head-dim {args.head_dim} works with "
+                     "--layout packed (which pads it to 128), or use a --head-dim that is a multiple of 128")
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """The :class:`ModelConfig` the command line asks for (``--head-dim``, ``--dtype``)."""
+    return ModelConfig(head_dim=args.head_dim, dtype=args.dtype)
+
+
+def quantization_effect(quantized_tokens: np.ndarray, quantized_logits: np.ndarray, tokens: np.ndarray,
+                        logits: np.ndarray) -> tuple[float, int]:
+    """How a run with a quantized cache, fed the unquantized run's ids (so every step has the
+    same history), differs from it: ``(max |logits - unquantized logits|, greedy ids equal)``.
+    ``*tokens`` i64[B, N] (each run's argmaxes), ``*logits`` f32[N, B, V]."""
+    return float(np.max(np.abs(quantized_logits - logits))), int(np.sum(quantized_tokens == tokens))
+
+
+def format_quantization(kv_cache_dtype: str, diff: float, agree: int, total: int) -> str:
+    """The line a quantized run prints about :func:`quantization_effect`."""
+    return (f"kv cache {kv_cache_dtype} (scales per layer: prefill max |K|, max |V| / finite max): logits max "
+            f"|quantized - unquantized| = {diff:.3g} over {total} ids, fed the unquantized run's ids; "
+            f"greedy ids agree with the unquantized run at {agree} of {total}")
 
 
 def format_tokens(prompt_lens: list[int], tokens: np.ndarray) -> list[str]:

@@ -36,9 +36,12 @@ from bridge.layouts import merge_kv, split_kv, to_flat, to_paged
 from examples import model as torch_model
 from examples import model_jax
 from examples.common import ModelConfig, Scheduler, add_common_args, check_common_args, format_tokens, init_weights, make_prompts
-from examples.generate_jax import LOGITS_ATOL
+from examples.generate_jax import LOGITS_ATOL as _LOGITS_ATOL
 
 import jax.numpy as jnp  # noqa: E402  (after bridge: PyTorch/XLA's JAX import guard runs first)
+
+# This example's model is ModelConfig()'s, float32 with combined rows: generate_jax's float32 tolerance.
+LOGITS_ATOL = _LOGITS_ATOL[ModelConfig().dtype]
 
 
 def parse_args(argv):
@@ -89,7 +92,7 @@ def decode_in_jax(params, caches, block_table, first_ids, steps, cfg, args):
         assert np.array_equal(batch.block_table, np.asarray(block_table))  # reserved upfront: never changes
         batch.block_table = block_table  # the handed-over array, not the scheduler's copy
         # Not donated: the first step's caches are torch's memory, which JAX must not write into.
-        logits, next_ids, caches = model_jax.forward_keeping(
+        logits, next_ids, caches, _ = model_jax.forward_keeping(
             params, caches, *model_jax.step_args(batch, next_ids), cfg=cfg, page_size=args.page_size, impl="auto"
         )
         all_ids.append(next_ids)

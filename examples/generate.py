@@ -3,13 +3,29 @@
     python -m examples.generate                       # CPU, eager
     PJRT_DEVICE=CPU python -m examples.generate --device xla   # PyTorch/XLA (TPU on a TPU VM)
     python -m examples.generate --check               # also run a dense cache and compare
+    python -m examples.generate --layout packed --dtype bfloat16 --head-dim 64 --check
+    python -m examples.generate --kv-cache-dtype float8_e4m3fn --layout packed --dtype bfloat16 --check
 
 Every layer writes its new K/V rows with ``torch.ops.paged_kv.kv_cache_update``
 (slice indices from the block table by ``torch_ops.slice_indices_from_block_table``)
-and reads its request's pages back through the block table. All prompts are
-prefilled as one ragged batch, then each step decodes one token per prompt
-(greedy). ``--check`` reruns the same model with a dense ``[B, L, 2*kv_heads, D]``
-cache and exits 1 unless the token ids are identical and the logits equal.
+and reads its request's pages back through the block table. The cache rows are
+``--layout``'s: ``combined`` ``[2*kv_heads, D]`` or ``packed``, tpu-inference's
+``[H'/pack, pack, align(D, 128)]`` (``bridge.layouts.merge_kv`` / ``split_kv``);
+``--dtype`` is the weights', activations' and cache's, ``--head-dim`` the model's.
+All prompts are prefilled as one ragged batch, then each step decodes one token
+per prompt (greedy). ``--check`` reruns the same model with a dense
+``[B, L, 2*kv_heads, D]`` cache and exits 1 unless the token ids are identical
+and the logits equal.
+
+``--kv-cache-dtype float8_e4m3fn|float8_e5m2|int8`` quantizes on write (the op's
+``k_scale``/``v_scale``; per layer, ``max |K|`` and ``max |V|`` of the prefill's
+tokens over the dtype's largest finite value, :func:`examples.model.prefill_scale`)
+and attention reads the dequantized K/V. The example first runs the unquantized
+model, then the quantized one fed its ids (teacher forcing: every step has the
+same history), and prints the logits' largest change and how many greedy ids
+agree; the ids printed are the quantized run's. ``--check``'s dense cache is
+quantized alike (``torch_ops._quantize.quantize_rows``, the same scales) and
+must still give bit-identical logits.
 """
 
 from __future__ import annotations
@@ -26,13 +42,15 @@ import torch
 
 import torch_ops
 from examples.common import (
-    ModelConfig, add_common_args, check_common_args, format_timing, format_tokens, init_weights, make_prompts,
+    add_common_args, add_model_args, check_common_args, check_model_args, format_quantization, format_timing,
+    format_tokens, init_weights, make_prompts, model_config, quantization_effect,
 )
 from examples.model import Generation, TinyLlama, generate
 
 # The paged and the dense run do the same arithmetic on the same values in the same
-# shapes, so their logits are expected to be equal bit for bit (measured: 0 on CPU
-# eager and on XLA:CPU). A nonzero difference fails the check.
+# shapes, so their logits are expected to be equal bit for bit, for every --layout,
+# --dtype and --head-dim (measured: 0 on CPU eager and on XLA:CPU). A nonzero
+# difference fails the check.
 LOGITS_ATOL = 0.0
 
 
@@ -43,11 +61,13 @@ def parse_args(argv):
     parser.add_argument("--impl", choices=torch_ops.IMPLS, default="auto",
                         help="the op's update path (default auto); see torch_ops.IMPLS")
     add_common_args(parser)
+    add_model_args(parser)
     parser.add_argument("--check", action="store_true",
                         help="also run with a dense (non-paged) cache; exit 1 on any difference")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     check_common_args(parser, args)
+    check_model_args(parser, args)
     if args.device == "cpu" and args.impl == "pallas":
         parser.error("--impl pallas needs --device xla on a TPU; --impl pallas_interpret runs the kernel's code here")
     if args.device == "xla" and args.impl == "torch":
@@ -65,10 +85,17 @@ def get_device(name: str) -> torch.device:
     return torch_xla.device()
 
 
+def describe_cache(cache) -> str:
+    """``packed rows, 2 x bfloat16[224, 2, 2, 128]``: a PagedKVCache's layout and per-layer tensors."""
+    layer = cache.layers[0]
+    return f"{cache.layout} rows, {len(cache.layers)} x {str(layer.dtype).removeprefix('torch.')}{list(layer.shape)}"
+
+
 def report(generation: Generation, prompt_lens: list[int]) -> None:
     for line in format_tokens(prompt_lens, generation.tokens):
         print(line)
     print(f"pages per prompt: {generation.pages}")
+    print(f"paged cache: {describe_cache(generation.cache)}")
     on_xla = generation.decode_compilations is not None
     timing = format_timing(
         prefill_tokens=generation.prefill_tokens, prefill_seconds=generation.prefill_seconds,
@@ -100,20 +127,29 @@ def compare(paged: Generation, dense: Generation) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = get_device(args.device)
-    cfg = ModelConfig()
+    cfg = model_config(args)
     weights = init_weights(cfg, args.seed)
     prompts = make_prompts(args.batch, cfg.vocab_size, args.seed, max_len=args.max_prompt_len)
     prompt_lens = [len(p) for p in prompts]
     model = TinyLlama(cfg, weights).to(device)
     print(f"model: {cfg.describe()}, seed {args.seed}")
-    print(f"device: {device}, impl: {args.impl}, page size {args.page_size}, "
+    print(f"device: {device}, impl: {args.impl}, torch threads {torch.get_num_threads()}, page size {args.page_size}, "
           f"{args.batch} prompts, {args.new_tokens} new tokens each")
     sys.stdout.flush()
 
     options = dict(new_tokens=args.new_tokens, page_size=args.page_size, device=device, progress=not args.no_progress)
-    paged = generate(model, prompts, cache_kind="paged", impl=args.impl, **options)
+    quantized = args.kv_cache_dtype != "auto"
+    if quantized:  # the unquantized run: the ids the quantized run is fed, and the logits it is measured against
+        reference = generate(model, prompts, cache_kind="paged", impl=args.impl, layout=args.layout, **options)
+        options.update(kv_cache_dtype=args.kv_cache_dtype, forced_ids=reference.tokens)
+    paged = generate(model, prompts, cache_kind="paged", impl=args.impl, layout=args.layout, **options)
     report(paged, prompt_lens)
+    if quantized:
+        diff, agree = quantization_effect(paged.tokens, paged.logits, reference.tokens, reference.logits)
+        print(format_quantization(args.kv_cache_dtype, diff, agree, paged.tokens.size))
     if not args.check:
         return 0
 
