@@ -29,8 +29,9 @@ def _np_dtype(dtype: torch.dtype) -> np.dtype:
 
 #: Elements quantized per step on CPU: the float32 temporary (512 KiB) stays in
 #: L2, so the division, clip and cast pass over cached data instead of whole
-#: tensors in memory (measured 3-10x faster than whole-tensor ops for a
-#: 2,048-token bfloat16 update; ``benchmarks/bench_quantized.py``).
+#: tensors in memory, and the NaN rules' masks are built only where a NaN is
+#: (measured on one thread, 2,048 bfloat16 token rows of 16 x 128: 7 ms instead
+#: of 49 ms for float8_e4m3fn, 8.5 ms instead of 69 ms for int8).
 CPU_CHUNK_ELEMENTS = 1 << 17
 
 
