@@ -6,13 +6,14 @@
 
 Threads: the sweep runs at torch's default intra-op thread count (what a user
 gets; ``OMP_NUM_THREADS`` sets it) unless ``--threads N`` is given; the table's
-header and the log say which. At every eager decode point the op (``op:auto``)
-and ``index_copy_`` are also timed at 1 thread and at the run's thread count,
-the four sampled in turns (the thread count is set before every call, ~0.2 µs),
-in a table of their own: ``index_copy_`` of float32 rows runs in parallel above
-32,768 elements (a decode step's 131,072 do), while the op's copy of 16-byte
-words stays on one thread up to 512 KiB of rows, so their ratio depends on
-the thread count.
+header and the log say which. At every eager decode point the op (``op:auto``,
+and ``op:auto new metadata``: another step's metadata every call, so none of
+the checks is reused) and ``index_copy_`` are also timed at 1 thread and at
+the run's thread count, the six sampled in turns (the thread count is set
+before every call, ~0.2 µs), in a table of their own: ``index_copy_`` of
+float32 rows runs in parallel above 32,768 elements (a decode step's 131,072
+do), while the op copies up to 512 KiB of rows on the calling thread, so
+their ratio depends on the thread count.
 
 Paths, timed in one run on the same inputs at each sweep point:
 
@@ -65,6 +66,7 @@ import datetime
 import functools
 import gc
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -88,7 +90,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import jax_kernels as jk  # noqa: E402
 from benchmarks import report  # noqa: E402
-from benchmarks.report import FLAT_MAX, fmt_size  # noqa: E402
+from benchmarks.report import FLAT_MAX, FRESH_PATH, fmt_size  # noqa: E402
 from benchmarks.workloads import (  # noqa: E402
     HEAD_DIM,
     HEADS,
@@ -107,7 +109,8 @@ SLICES_PER_PROCESSING_PAGE = 8
 NOISY = 1.5  # max/min of a path's samples above which they are taken again
 SOLO_CALLS = 10  # a path whose one call lasts over this many --min-time samples is sampled alone
 DEFAULT_THREADS = torch.get_num_threads()  # torch's default intra-op thread count, before --threads
-THREAD_PATHS = ("op:auto", "index_copy_")  # the eager decode paths also timed at 1 thread
+THREAD_PATHS = ("op:auto", FRESH_PATH, "index_copy_")  # the eager decode paths also timed at 1 thread
+THREADS_GOAL = 1.5  # the eager decode's goal at every thread count: op <= 1.5x index_copy_
 
 FULL = dict(sizes=[16, 64, 256, 1024], shapes=list(SHAPES), dtypes=["float32", "bfloat16"], page_sizes=[16, 32],
             repeats=5, min_time=0.02, max_call_s=2.0, interpret_max_slices=64)
@@ -417,6 +420,8 @@ class Runner:
                         new, idx, cache, total, ps, SLICES_PER_PROCESSING_PAGE, impl),
                     None,
                 )
+            if shape == "decode":  # a new step's metadata every call (the steps above repeat one: later layers)
+                paths[FRESH_PATH] = (self.fresh_metadata_step(w, dtype, new, cache, idx, total), None)
             if dtype in PACKED_DTYPES:
                 paths["op:auto packed"] = (
                     lambda new=packed_view(new), idx=idx, total=total, ps=ps, paged=packed_view(cache, ps):
@@ -430,6 +435,24 @@ class Runner:
                 self.thread_compare(w, dtype, size, {p: paths[p][0] for p in THREAD_PATHS})
         del cache
         gc.collect()
+
+    def fresh_metadata_step(self, w, dtype: str, new, cache, idx, total):
+        """``op:auto`` with new metadata on every call, as the first layer of
+        each model step sees it: calls alternate between ``w``'s slice indices
+        and those of the same batch on other pages (another seed), so the
+        op's remembered metadata (``torch_ops._validation.checked_columns``:
+        the same bytes as the last call, as every later layer of a step
+        passes) never matches. The first call — the one checked against the
+        reference — is ``w``'s."""
+        other = make_workload(w.batch, w.num_rows, dtype, seed=self.cfg.seed + 1)
+        assert not np.array_equal(other.slice_indices, w.slice_indices)
+        metadata, calls = (idx, torch.from_numpy(other.slice_indices)), itertools.count()
+
+        def step():
+            torch.ops.paged_kv.kv_cache_update(
+                new, metadata[next(calls) % 2], cache, total, w.batch.page_size, SLICES_PER_PROCESSING_PAGE, "auto")
+
+        return step
 
     def thread_compare(self, w, dtype: str, size: float, steps: dict) -> None:
         """Time ``steps`` (``op:auto`` and ``index_copy_``) at 1 thread and at the
@@ -630,7 +653,9 @@ def threads_note(cfg) -> str:
 
 def threads_markdown(records: list[dict], env: dict) -> str:
     """The eager decode at 1 thread and at the run's thread count: µs and the
-    op / ``index_copy_`` ratio per sweep point (medians of samples taken in turns)."""
+    op / ``index_copy_`` ratio per sweep point (medians of samples taken in
+    turns), for the op with repeated metadata (every layer after a step's
+    first) and with new metadata every call (a step's first layer)."""
     n = env["torch_threads"]
     title = f"## Eager decode at 1 thread and at {n} threads{env.get('threads_note', '')}"
     if not records:
@@ -640,16 +665,20 @@ def threads_markdown(records: list[dict], env: dict) -> str:
     points = sorted({(r["dtype"], r["page_size"], r["size_mib"]) for r in records},
                     key=lambda p: (env["dtypes"].index(p[0]) if p[0] in env["dtypes"] else 9, p[1], p[2]))
     out = [title, "",
-           "`op:auto` and `index_copy_` of the same rows, the four sampled in turns (median µs); ratio = op / "
-           "index_copy_ at the same thread count. The tables above are at the run's thread count.", "",
-           f"| dtype | page | cache | op 1 thread | index_copy_ 1 thread | ratio | op {n} threads "
-           f"| index_copy_ {n} threads | ratio |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+           f"`op:auto` (the same metadata as the call before: every layer after a step's first), `{FRESH_PATH}` "
+           "(another step's metadata every call: a step's first layer) and `index_copy_` of the same rows, "
+           f"the six sampled in turns (median µs); × = op / index_copy_ at the same thread count, ✓ when <= "
+           f"{THREADS_GOAL}. The tables above are at the run's thread count.", "",
+           "| dtype | page | cache | threads | index_copy_ | op | × | op new metadata | × |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for dtype, ps, size in points:
-        cells = []
         for t in (1, n):
-            op, ic = med.get((dtype, ps, size, "op:auto", t)), med.get((dtype, ps, size, "index_copy_", t))
-            cells += [report.fmt_us(op), report.fmt_us(ic), f"{op / ic:.2f}" if op and ic else "—"]
-        out.append(f"| {dtype} | {ps} | {fmt_size(size)} | " + " | ".join(cells) + " |")
+            ic = med.get((dtype, ps, size, "index_copy_", t))
+            cells = [report.fmt_us(ic)]
+            for path in ("op:auto", FRESH_PATH):
+                op = med.get((dtype, ps, size, path, t))
+                cells += [report.fmt_us(op), f"{op / ic:.2f} {'✓' if op / ic <= THREADS_GOAL else '✗'}" if op and ic else "—"]
+            out.append(f"| {dtype} | {ps} | {fmt_size(size)} | {t} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 

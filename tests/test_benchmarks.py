@@ -22,7 +22,7 @@ from benchmarks.workloads import SHAPES, cache_rows, fits, make_batch, make_work
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HAS_XLA = importlib.util.find_spec("torch_xla") is not None
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
-CPU_PATHS = ("memcpy", "index_copy_", "op:auto", "op:jax", "op:pallas_interpret", "jax:auto", "jax:scatter", "jax:scan")
+CPU_PATHS = ("memcpy", "index_copy_", "op:auto", "op:auto new metadata", "op:jax", "op:pallas_interpret", "jax:auto", "jax:scatter", "jax:scan")
 XLA_PATHS = ("index_copy_", "op:auto", "op:jax", "op:pallas_interpret")
 
 

@@ -317,6 +317,47 @@ def test_jax_kernels_validation_applies_to_the_op():
     np.testing.assert_array_equal(bits(cache.numpy()), bits(cache_np))
 
 
+def test_metadata_rewritten_in_place_is_checked_and_applied_again():
+    """The eager paths remember the last valid metadata by value: rewriting
+    the same ``slice_indices`` tensor in place — through torch or a numpy
+    view, which bumps no version counter — is seen, applied and checked anew,
+    and an invalid rewrite raises every time with the cache unchanged."""
+    new, idx_np, cache_np, total_np, _ = case(21, "float32", num_valid=4)
+    cache = torch.from_numpy(cache_np.copy())
+    idx, total, tokens = torch.from_numpy(idx_np.copy()), torch.from_numpy(total_np.copy()), torch.from_numpy(new)
+    ref = cache_np.copy()
+    for step in range(4):
+        if step:  # new destinations written into the same tensor: torch on odd steps, numpy on even ones
+            fresh = case(21 + step, "float32", num_valid=4)[1]
+            if step % 2:
+                idx.copy_(torch.from_numpy(fresh))
+            else:
+                idx.numpy()[...] = fresh
+        for _ in range(2):  # each step twice, as two layers would (the second call reuses the checks)
+            torch_ops.kv_cache_update(tokens, idx, cache, total, page_size=PAGE_SIZE)
+        ref = jk.kv_cache_update_reference(new, idx.numpy().copy(), ref, total_np)
+        np.testing.assert_array_equal(bits(cache.numpy()), bits(ref))
+    before = cache.clone()
+    a, b = np.flatnonzero(idx.numpy()[2, : int(total_np[0])] > 0)[:2]
+    idx.numpy()[0, b] = idx.numpy()[0, a]  # two slices now write the same rows
+    for _ in range(2):
+        with pytest.raises(ValueError, match="slice_indices"):
+            torch_ops.kv_cache_update(tokens, idx, cache, total, page_size=PAGE_SIZE)
+    np.testing.assert_array_equal(bits(cache.numpy()), bits(before.numpy()))
+
+
+def test_remembered_metadata_is_checked_against_each_cache():
+    """The same valid metadata is checked again for a cache with fewer rows
+    (the remembered outcome is per shape): out of range there, it raises."""
+    new, idx_np, cache_np, total_np, _ = case(22, "float32", num_valid=4)
+    args = (torch.from_numpy(new), torch.from_numpy(idx_np))
+    torch_ops.kv_cache_update(*args, torch.from_numpy(cache_np.copy()), torch.from_numpy(total_np), page_size=PAGE_SIZE)
+    small = torch.zeros(int(idx_np[0, : int(total_np[0])].max()), HEADS, HEAD_DIM)  # the last slice does not fit
+    with pytest.raises(ValueError, match="kv_cache"):
+        torch_ops.kv_cache_update(*args, small, torch.from_numpy(total_np), page_size=PAGE_SIZE)
+    assert not small.any()
+
+
 def test_torch_compile_openxla_backend(xla_device):
     import torch_xla
 
@@ -347,11 +388,17 @@ def test_torch_compile_refuses_inputs_that_require_grad(grad_input):
     assert not cache.detach().any()
 
 
+def _copy_host(cache, dst, new):
+    _eager.host_rows(cache)[dst] = _eager.host_rows(new)
+
+
+@pytest.mark.parametrize("copy", [_eager.copy_rows_, _eager.copy_words_, _copy_host], ids=["auto", "words", "host"])
 @pytest.mark.parametrize("flush_denormal", [False, True])
-def test_row_copies_move_every_bit_pattern(flush_denormal):
-    """The eager path copies rows as 16- or 8-byte words (complex128 / float64 views): every
-    bfloat16 bit pattern — NaN payloads, signalling NaNs, denormals — and
-    random 64-bit words arrive unchanged, with or without flush-to-zero."""
+def test_row_copies_move_every_bit_pattern(flush_denormal, copy):
+    """Both eager row copies — numpy void items and 16- or 8-byte words
+    (complex128 / float64 views) — move every bfloat16 bit pattern (NaN
+    payloads, signalling NaNs, denormals) and random 64-bit words unchanged,
+    with or without flush-to-zero."""
     rng = np.random.default_rng(0)
     patterns = np.concatenate([np.arange(2**16, dtype=np.uint16), rng.integers(0, 2**16, 2**16, dtype=np.uint16)])
     new = torch.from_numpy(patterns.view(np.int16).copy()).view(torch.bfloat16).view(-1, 2, 128)  # [512, 2, 128]
@@ -359,17 +406,38 @@ def test_row_copies_move_every_bit_pattern(flush_denormal):
     dst = rng.permutation(1024)[: new.shape[0]]
     torch.set_flush_denormal(flush_denormal)
     try:
-        _eager.copy_rows_(cache, dst, new)
+        copy(cache, dst, new)
     finally:
         torch.set_flush_denormal(False)
-    assert _eager.as_rows(cache).dtype in (torch.complex128, torch.float64)  # the fast path ran
+    assert _eager.as_rows(cache).dtype in (torch.complex128, torch.float64)  # the words path has words to move
     np.testing.assert_array_equal(cache[torch.from_numpy(dst)].view(torch.int16).numpy(), new.view(torch.int16).numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.int8])
+@pytest.mark.parametrize("strided", ["rows", "heads", "dim"])
+def test_host_row_copy_writes_in_place_into_strided_views(dtype, strided):
+    """The numpy copy writes into the cache's own memory through any view the
+    cache can be (strided rows, strided heads) and nowhere else, and refuses a
+    strided last dimension, which the words copy then takes."""
+    bits = _eager.as_copyable  # float8 as uint8 (CPU float8 lacks index_put_)
+    view = {"rows": lambda b: b[::2, :, :16], "heads": lambda b: b[:, ::2, :16], "dim": lambda b: b[:, :, ::2]}[strided]
+    base = torch.zeros(64, 4, 32).to(dtype)
+    cache = view(base)  # [.., .., 16]
+    new = torch.randn(5, cache.shape[1], 16).to(dtype)
+    dst = np.array([3, 0, 31, 7, 12])
+    expected = bits(base.clone())
+    view(expected)[torch.from_numpy(dst)] = bits(new)
+    if strided == "dim":
+        with pytest.raises(ValueError):
+            _eager.host_rows(cache)
+    _eager.copy_rows_(cache, dst, new)
+    assert torch.equal(bits(base), expected)
 
 
 @pytest.mark.parametrize(
     "heads, head_dim, offset, word_dtype, word_shape",
     [
-        (2, 128, 0, torch.complex128, (2, 16)),  # each head fills whole 16-byte words: one view
+        (2, 128, 0, torch.complex128, (32,)),  # a row of contiguous heads as 16-byte words (2-D: see as_rows)
         (2, 4, 0, torch.complex128, (1,)),  # 8 bytes a head, 16 a row: words span the heads
         (2, 2, 0, torch.float64, (1,)),  # 8 bytes a row
         (3, 1, 0, torch.bfloat16, (3, 1)),  # 6 bytes a row: no word fits, copied as itself

@@ -32,36 +32,33 @@ _WORDS = ((torch.complex128, 16), (torch.float64, 8))  # (word, bytes): 16- and 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """``[N, H, D]`` as a view (no copy) of 16-byte words (complex128) or
-    8-byte words (float64), first dimension kept: ``[N, H, D * itemsize / w]``
-    when each head's ``D`` elements fill whole words (one view, ~1 µs), else
-    ``[N, H * D * itemsize / w]`` when the heads of a row are contiguous and
-    fill whole words together; failing both (or unaligned), :func:`as_copyable`.
+    8-byte words (float64), first dimension kept: ``[N, H * D * itemsize / w]``
+    when the heads of a row are contiguous and fill whole words together (two
+    views, ~3 µs), else ``[N, H, D * itemsize / w]`` when each head's ``D``
+    elements fill whole words; failing both (or unaligned), :func:`as_copyable`.
 
     ``index_copy_`` then moves 16- or 8-byte words: measured 2-3x faster than
-    the native bfloat16 kernel and up to 3x faster for float32. It only moves
-    them — no arithmetic — so the bits, NaN payloads and denormals included,
-    arrive unchanged (a test copies every bfloat16 bit pattern this way).
+    the native bfloat16 kernel and up to 3.5x faster for float32. It only
+    moves them — no arithmetic — so the bits, NaN payloads and denormals
+    included, arrive unchanged (a test copies every bfloat16 bit pattern this way).
 
-    Wider words also mean fewer elements, which decides whether the copy runs
-    on one thread: ``index_copy_`` (a TensorIterator) runs serially up to
-    32,768 elements (``at::internal::GRAIN_SIZE``), i.e. up to 512 KiB of
-    rows as 16-byte words (a decode step of 64 rows of 16 x 128 float32:
-    no OpenMP region, no thread wake-up, the same time at any thread count),
-    and starts a parallel region (waking every intra-op thread) only above
-    that (measured 2-3x faster on 2 idle cores; on a busy machine a region
-    can wait a scheduler tick for a descheduled thread, as torch's own ops do)."""
+    Two dimensions, not three, because of threads (measured on torch 2.13,
+    2 threads): on ``[N, W]`` words ``index_copy_`` runs on one thread up to
+    32,768 words (512 KiB of rows: a decode step of 64 rows of 16 x 128
+    float32 takes 16 µs at any thread count) and in parallel above that
+    (faster from the first word beyond: 11 µs against 18 µs at 33,280); on
+    ``[N, H, W / H]`` it opened a parallel region from 8,192 words on,
+    costing 2x on 2 threads (the same 64 rows: 31 µs against 16 µs)."""
     if t.dim() == 3 and t.stride(2) == 1:
-        heads, dim = t.shape[1], t.shape[2]
+        num, heads, dim = t.shape
         head_bytes = dim * t.element_size()
+        contiguous_heads = heads == 1 or t.stride(1) == dim
         for word, size in _WORDS:
-            if head_bytes % size == 0:
-                shaped = t
-            elif t.stride(1) == dim and heads * head_bytes % size == 0:
-                shaped = t.view(t.shape[0], -1)
-            else:
-                continue
             try:
-                return shaped.view(word)
+                if contiguous_heads and heads * head_bytes % size == 0:
+                    return t.view(num, heads * dim).view(word)
+                if head_bytes % size == 0:
+                    return t.view(word)
             except RuntimeError:  # storage offset or a stride not a whole number of words
                 continue
     return as_copyable(t)
@@ -73,9 +70,56 @@ def _index_on(rows: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return index if like.is_cpu else index.to(like.device)
 
 
+#: Row copies up to this many bytes run on one thread (numpy, below), bigger ones
+#: with ``index_copy_`` in parallel when torch has more than one intra-op thread.
+SERIAL_COPY_BYTES = 1 << 19  # 512 KiB: 32,768 16-byte words, at::internal::GRAIN_SIZE
+
+
+def host_rows(t: torch.Tensor) -> np.ndarray:
+    """A CPU ``[N, H, D]`` tensor as a numpy view ``[N, H, 1]`` of ``D *
+    itemsize``-byte void items (no copy; 16-bit floats and float8 through a
+    same-width integer view). Raises ``ValueError`` when ``D`` is strided."""
+    if t.requires_grad:  # grad mode off: numpy() refuses such tensors
+        t = t.detach()
+    a = (t if t.dtype in _NUMPY_DTYPES else t.view(_BITS[t.element_size()])).numpy()  # [N, H, D]
+    nbytes = a.shape[-1] * a.itemsize
+    void = _VOIDS.get(nbytes) or _VOIDS.setdefault(nbytes, np.dtype((np.void, nbytes)))
+    return a.view(void)
+
+
+_NUMPY_DTYPES = {torch.float32, torch.float64, torch.float16, torch.int8, torch.uint8, torch.int16, torch.int32}
+_VOIDS: dict = {}  # bytes -> np.dtype((np.void, bytes))
+
+
 def copy_rows_(flat: torch.Tensor, dst_rows: np.ndarray, rows: torch.Tensor) -> None:
-    """``flat[dst_rows[i]] = rows[i]`` for every ``i``, with one ``index_copy_``
-    (on one thread up to 512 KiB of rows: see :func:`as_rows`)."""
+    """``flat[dst_rows[i]] = rows[i]`` for every ``i`` (``dst_rows`` i64[n],
+    validated), by one of two exact byte copies:
+
+    * on CPU, up to :data:`SERIAL_COPY_BYTES` or on one intra-op thread:
+      numpy's assignment of void items (one ``memcpy`` per head), always on
+      the calling thread, with the least per-call work (~5 µs of views);
+    * else one ``index_copy_`` of 16- or 8-byte words (:func:`as_rows`),
+      which runs in parallel above 32,768 words.
+
+    Why (measured on torch 2.13, 2 threads, a decode step of 64 rows of 16 x
+    128 float32 = 512 KiB): torch's ``index_copy_`` of exactly 32,768 words
+    opens a parallel region in which one thread works (44 µs against 28 µs
+    on one thread), and whatever runs next meets a still-spinning worker;
+    the numpy copy took 21-23 µs at any thread count. Above 512 KiB the
+    parallel copy wins (2 MiB: 101 µs against 229 µs)."""
+    if flat.is_cpu and rows.is_cpu and (
+        rows.numel() * rows.element_size() <= SERIAL_COPY_BYTES or torch.get_num_threads() == 1
+    ):
+        try:
+            host_rows(flat)[dst_rows] = host_rows(rows)
+            return
+        except ValueError:  # a strided last dimension: no void view
+            pass
+    copy_words_(flat, dst_rows, rows)
+
+
+def copy_words_(flat: torch.Tensor, dst_rows: np.ndarray, rows: torch.Tensor) -> None:
+    """:func:`copy_rows_` by one ``index_copy_`` of words (any device)."""
     index = _index_on(dst_rows, flat)
     dst, src = as_rows(flat), as_rows(rows)
     if dst.dtype is not src.dtype or dst.shape[1:] != src.shape[1:]:
@@ -83,21 +127,31 @@ def copy_rows_(flat: torch.Tensor, dst_rows: np.ndarray, rows: torch.Tensor) -> 
     dst.index_copy_(0, index, src)
 
 
+_RUN = np.arange(1 << 14, dtype=np.int64)  # i64[16384]: 0, 1, 2, ...
+_RUN_BYTES = _RUN.tobytes()
+
+
 class RowPlan:
     """Where every copied row goes: the valid slices with ``len > 0``, packed
     end to end (the order of ``slice_indices``).
 
     Built from the valid columns ``i64[3, total]`` that
-    ``torch_ops._validation.host_columns`` returns; it runs on every eager
-    call, so it does only the numpy work the row copy needs (a decode step,
-    every slice one row: one comparison and one reduction)."""
+    ``torch_ops._validation.host_columns`` returns, and the lengths' range
+    that ``validate_data`` returns (else it is found here); it runs on every
+    eager call, so it does only the numpy work the row copy needs (a decode
+    step, every slice one row, validated: none)."""
 
-    def __init__(self, cols: np.ndarray):
+    def __init__(self, cols: np.ndarray, length_range: tuple[int, int] | None = None):
+        # length_range: the lengths' (min, max) when validation computed them.
         dst, src, length = cols[0], cols[1], cols[2]  # i64[total] each (indexing is cheaper than unpacking)
-        if (length == 1).all():  # every slice is one row (decode): nothing to drop or count
+        if length_range is None:
+            decode, some_empty = bool((length == 1).all()), None
+        else:
+            decode, some_empty = length_range == (1, 1), length_range[0] == 0
+        if decode:  # every slice is one row: nothing to drop or count
             num_rows = len(length)
         else:
-            if not length.all():
+            if some_empty or (some_empty is None and not length.all()):
                 keep = length > 0
                 dst, src, length = dst[keep], src[keep], length[keep]
             num_rows = int(length.sum())
@@ -111,6 +165,20 @@ class RowPlan:
             self._within = np.arange(num_rows) - np.repeat(self.packed_start, length)
             self.dst_rows = np.repeat(dst, length) + self._within  # i64[num_rows]
 
+    _last = (None, None)  # (cols, its plan): the plan of the last columns seen
+
+    @classmethod
+    def of(cls, cols: np.ndarray, length_range: tuple[int, int] | None = None) -> "RowPlan":
+        """``RowPlan(cols, length_range)``, reused when ``cols`` is the very
+        array of the last call (``torch_ops._validation.checked_columns``
+        returns the same array for the same metadata: every layer of a model
+        step). Plans and columns are never modified, so reuse is exact."""
+        last_cols, plan = cls._last
+        if cols is not last_cols:
+            plan = cls(cols, length_range)
+            cls._last = (cols, plan)
+        return plan
+
     @functools.cached_property
     def packed_start(self) -> np.ndarray:
         """i64[n]: the first packed row of each slice."""
@@ -120,6 +188,8 @@ class RowPlan:
     def contiguous_source(self) -> bool:
         """Whether the slices read one contiguous run of the tokens, in order."""
         src = self.src
+        if self._within is None:  # one row a slice: src must be src[0], src[0] + 1, ... (bytes compared: ~1 µs)
+            return len(src) <= len(_RUN) and (src - src[0]).tobytes() == _RUN_BYTES[: 8 * len(src)]
         return bool((src[1:] - src[:-1] == self.length[:-1]).all())
 
     def source_rows(self, new_kv_tokens: torch.Tensor) -> torch.Tensor:
@@ -127,7 +197,7 @@ class RowPlan:
         of it when the slices read one contiguous run of it in order
         (block-table layouts do), else a gather."""
         if self.contiguous_source:
-            start = int(self.src[0]) if len(self.src) else 0
+            start = int(self.src[0])
             if start == 0 and self.num_rows == new_kv_tokens.shape[0]:
                 return new_kv_tokens  # the whole tensor (no view to make)
             return new_kv_tokens.narrow(0, start, self.num_rows)
@@ -136,9 +206,8 @@ class RowPlan:
         return new_kv_tokens.index_select(0, _index_on(src_rows, new_kv_tokens))
 
 
-def update_rows_(new_kv_tokens: torch.Tensor, cols: np.ndarray, flat: torch.Tensor) -> None:
+def update_rows_(new_kv_tokens: torch.Tensor, plan: RowPlan, flat: torch.Tensor) -> None:
     """``impl="torch"``: copy every named row with one ``index_copy_``."""
-    plan = RowPlan(cols)
     if plan.num_rows == 0:
         return
     copy_rows_(flat, plan.dst_rows, plan.source_rows(new_kv_tokens))
@@ -208,7 +277,7 @@ def staged_update(
 
 def update_staged_(
     new_kv_tokens: torch.Tensor,
-    cols: np.ndarray,
+    plan: RowPlan,
     num_slices: int,
     flat: torch.Tensor,
     *,
@@ -218,7 +287,6 @@ def update_staged_(
 ) -> None:
     """``impl`` in ``jax``/``scan``/``pallas_interpret`` on eager tensors: the
     JAX code on a staging cache, then one ``index_copy_`` into ``flat``."""
-    plan = RowPlan(cols)
     if plan.num_rows == 0:
         return
     rows = staged_update(

@@ -97,42 +97,53 @@ def _prepare(
     op, tokens, slice_indices, caches, total_update_slices, page_size, slices_per_processing_page, impl,
     k_scale=None, v_scale=None,
 ):
-    """All checks that can run here, before any data moves. Returns
-    ``(3-D rows views of the caches, host columns i64[3, total] or None)``."""
+    """All checks that can run here, before any data moves. Returns ``(3-D
+    rows views of the caches, host columns i64[3, total] or None, the lengths'
+    (min, max) or None when unchecked)``."""
     flats = _validation.validate_static_pairs(
         tokens, slice_indices, caches, total_update_slices, page_size=page_size,
         slices_per_processing_page=slices_per_processing_page, impl=impl, names=op.names,
         k_scale=k_scale, v_scale=v_scale,
     )
     mode = _validation.validation_mode()
-    cols = None
+    cols = length_range = None
     # Eager paths (CPU, CUDA) and pallas_interpret read the metadata on the
     # host anyway (on CUDA: a sync), so it is checked there by default; on XLA
     # only under validation("always").
-    if slice_indices.device.type != "xla" or impl == "pallas_interpret" or mode == "always":
-        cols = _validation.host_columns(slice_indices, total_update_slices, op.names[0])
-        if mode != "never":
-            _validation.validate_data(tokens[0], cols, flats[0], page_size=page_size, names=op.names[0])
-            _validation.validate_scales(tokens[0].dtype, caches[0].dtype, k_scale, v_scale, op.names[0])
-    return flats, cols
+    if not slice_indices.is_xla or impl == "pallas_interpret" or mode == "always":
+        if mode == "never":
+            cols = _validation.host_columns(slice_indices, total_update_slices, op.names[0])
+        else:
+            cols, length_range = _validation.checked_columns(
+                slice_indices, total_update_slices, tokens[0], flats[0], page_size=page_size, names=op.names[0]
+            )
+            if k_scale is not None or v_scale is not None:
+                _validation.validate_scales(tokens[0].dtype, caches[0].dtype, k_scale, v_scale, op.names[0])
+    return flats, cols, length_range
 
 
-def _write_eager(tokens, flats, cols, num_slices, page_size, slices_per_processing_page, impl, k_scale=None, v_scale=None):
+def _write_eager(
+    tokens, flats, cols, length_range, num_slices, page_size, slices_per_processing_page, impl, k_scale=None,
+    v_scale=None,
+):
     if impl == "pallas":
         raise ValueError(
             f"impl='pallas' needs PyTorch/XLA tensors on a TPU, got {flats[0].device} tensors; "
             f"use impl='pallas_interpret' to run the kernel's code elsewhere"
         )
-    scales = _quantize.scale_pairs(len(tokens), k_scale, v_scale) if k_scale is not None else [None] * len(tokens)
+    plan = _eager.RowPlan.of(cols, length_range)
+    if plan.num_rows == 0:
+        return
+    scales = _quantize.scale_pairs(len(tokens), k_scale, v_scale) if k_scale is not None else (None, None)
     for new_kv_tokens, flat, pair in zip(tokens, flats, scales):
         rows = _validation.flat_tokens(new_kv_tokens)  # [T, H, D], like flat's rows
         if pair is not None and rows.dtype != flat.dtype:  # a quantized write: the rows in the cache's dtype first
             rows = _quantize.quantize_rows(rows, *pair, flat.dtype)
         if impl in ("auto", "torch"):
-            _eager.update_rows_(rows, cols, flat)
+            _eager.update_rows_(rows, plan, flat)
         else:
             _eager.update_staged_(
-                rows, cols, num_slices, flat, impl=impl, page_size=page_size,
+                rows, plan, num_slices, flat, impl=impl, page_size=page_size,
                 slices_per_processing_page=slices_per_processing_page,
             )
 
@@ -162,10 +173,11 @@ def _grad_tensors(op, args):
 
 def _eager_kernels(op):
     def mutating(*args):
-        _refuse_grad(op.name, _grad_names(op), _grad_tensors(op, args))  # AutogradCPU/CUDA fall through to here
+        if torch.is_grad_enabled():  # AutogradCPU/CUDA fall through to here
+            _refuse_grad(op.name, _grad_names(op), _grad_tensors(op, args))
         tokens, idx, caches, total, static = op.split(args)
-        flats, cols = _prepare(op, tokens, idx, caches, total, *static)
-        _write_eager(tokens, flats, cols, idx.shape[1], *static)
+        flats, cols, length_range = _prepare(op, tokens, idx, caches, total, *static)
+        _write_eager(tokens, flats, cols, length_range, idx.shape[1], *static)
         for cache in caches:
             torch.autograd.graph.increment_version(cache)  # views and autograd see the mutation
 
@@ -173,12 +185,12 @@ def _eager_kernels(op):
         """Copies of the caches, updated (O(cache) by nature)."""
         _refuse_grad(op.name + "_functional", _grad_names(op), _grad_tensors(op, args))
         tokens, idx, caches, total, static = op.split(args)
-        _, cols = _prepare(op, tokens, idx, caches, total, *static)
+        _, cols, length_range = _prepare(op, tokens, idx, caches, total, *static)
         if static[2] == "pallas":  # fail before the O(cache) clone
-            _write_eager(tokens, caches, cols, idx.shape[1], *static)
+            _write_eager(tokens, caches, cols, length_range, idx.shape[1], *static)
         outs = [c.clone() for c in caches]
         flats = [_validation.flat_cache(o, t) for o, t in zip(outs, tokens)]
-        _write_eager(tokens, flats, cols, idx.shape[1], *static)
+        _write_eager(tokens, flats, cols, length_range, idx.shape[1], *static)
         return outs[0] if op.num_pairs == 1 else tuple(outs)
 
     return mutating, functional
@@ -190,7 +202,7 @@ def _eager_kernels(op):
 def _xla_functional(op):
     def functional(*args):
         tokens, idx, caches, total, static = op.split(args)
-        _, cols = _prepare(op, tokens, idx, caches, total, *static)
+        _, cols, _ = _prepare(op, tokens, idx, caches, total, *static)
         page_size, spp, impl, k_scale, v_scale = static
         quantized = tokens[0].dtype != caches[0].dtype
         outs = _xla.functional_update_pairs(

@@ -123,9 +123,16 @@ def validate_static_pairs(
     static arguments, so a signature that passed once is remembered.
     """
     # The hot path (a signature seen before): one tuple of the tensors, one dict lookup.
-    tensors = (*tokens, slice_indices, *caches, total_update_slices, k_scale, v_scale)
     try:
-        key = _signature(tensors, caches, page_size, slices_per_processing_page, impl)
+        if len(caches) == 1 and k_scale is None and v_scale is None:  # the common call, keyed inline (~2 µs less)
+            t, c, i, n = tokens[0], caches[0], slice_indices, total_update_slices
+            key = (
+                t.shape, t.dtype, t.device, i.shape, i.dtype, i.device, c.shape, c.dtype, c.device, c.stride(),
+                n.shape, n.dtype, n.device, page_size, slices_per_processing_page, impl,
+            )
+        else:
+            tensors = (*tokens, slice_indices, *caches, total_update_slices, k_scale, v_scale)
+            key = _signature(tensors, caches, page_size, slices_per_processing_page, impl)
         hash(key)
     except (TypeError, AttributeError):  # not tensors, or symbolic shapes (fake tensors under torch.compile)
         key = None
@@ -190,13 +197,51 @@ def host_columns(slice_indices: torch.Tensor, total_update_slices: torch.Tensor,
     """The valid slice columns ``slice_indices[:, :total]`` as numpy
     ``i64[3, total]`` (a device→host copy off CPU), ``total`` range-checked."""
     # Both are integer tensors (checked by validate_static), which never require grad.
-    idx = slice_indices if slice_indices.device.type == "cpu" else slice_indices.cpu()
+    idx = slice_indices if slice_indices.is_cpu else slice_indices.cpu()
     return jk_validation.slice_columns(idx.numpy(), total_update_slices.item(), names=names)
 
 
-def validate_data(new_kv_tokens, cols: np.ndarray, flat: torch.Tensor, *, page_size: int, names=NAMES) -> None:
+#: The last valid metadata seen for each (slice_indices shape and dtype, T, R,
+#: page_size): ``(valid columns' bytes, total, cols, the lengths' range)``.
+_LAST_VALID: dict = {}
+
+
+def checked_columns(
+    slice_indices: torch.Tensor, total_update_slices: torch.Tensor, new_kv_tokens, flat: torch.Tensor, *,
+    page_size: int, names=NAMES,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`host_columns`, then :func:`validate_data`: ``(cols i64[3,
+    total], the lengths' (min, max))`` of valid metadata, else the error.
+
+    The eager paths call this on every update, and a model calls the op once
+    per layer with the same ``slice_indices``. So the last valid metadata of
+    each shape is remembered *by value*: when the valid columns hold the same
+    bytes (and the total, the tokens' and the cache's row counts and the page
+    size are the same), the checks' outcome is the same, and it is reused —
+    a byte comparison (~2 µs for a decode step) instead of the checks and the
+    int64 copy (~10 µs). A changed value, however it was written (torch ops,
+    numpy views), is a different key: never a stale result."""
+    idx = (slice_indices if slice_indices.is_cpu else slice_indices.cpu()).numpy()  # int[3, S]
+    total = total_update_slices.item()
+    key = (idx.shape, idx.dtype, new_kv_tokens.shape[0], flat.shape[0], page_size)
+    data = idx[:, :total].tobytes() if type(total) is int and 0 <= total <= idx.shape[1] else None
+    last = _LAST_VALID.get(key)
+    if data is not None and last is not None and last[1] == total and last[0] == data:
+        return last[2], last[3]
+    cols = jk_validation.slice_columns(idx, total, names=names)
+    length_range = validate_data(new_kv_tokens, cols, flat, page_size=page_size, names=names)
+    if len(_LAST_VALID) > 4096:  # bounded: shapes are normally bucketed
+        _LAST_VALID.clear()
+    _LAST_VALID[key] = (data, total, cols, length_range)
+    return cols, length_range
+
+
+def validate_data(
+    new_kv_tokens, cols: np.ndarray, flat: torch.Tensor, *, page_size: int, names=NAMES
+) -> tuple[int, int]:
     """The slice data checks of ``jax_kernels.dynamic_validate_inputs`` on the
-    columns from :func:`host_columns` (``flat``: the cache's rows view)."""
-    jk_validation.check_slice_columns(
+    columns from :func:`host_columns` (``flat``: the cache's rows view).
+    Returns the lengths' (min, max), for :class:`torch_ops._eager.RowPlan`."""
+    return jk_validation.check_slice_columns(
         cols, num_tokens=new_kv_tokens.shape[0], num_rows=flat.shape[0], page_size=page_size, names=names
     )
