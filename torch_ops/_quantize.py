@@ -13,6 +13,7 @@ inside the Pallas kernel).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -35,6 +36,11 @@ def _np_dtype(dtype: torch.dtype) -> np.dtype:
 CPU_CHUNK_ELEMENTS = 1 << 17
 
 
+@functools.lru_cache(maxsize=64)
+def _odd_heads(heads: int, device: torch.device) -> torch.Tensor:  # bool[1, H, 1]: True on odd (V) heads
+    return (torch.arange(heads, device=device) % 2 == 1).view(1, heads, 1)
+
+
 def quantize_rows(
     rows: torch.Tensor,  # [T, H, D] float (packed rows seen as [T, H' * pack, D'])
     even_scale: torch.Tensor,  # f32[] (or any float scalar tensor)
@@ -44,8 +50,8 @@ def quantize_rows(
     """The quantized rows (module docstring), computed ``CPU_CHUNK_ELEMENTS``
     at a time on CPU (whole rows per step) and in one step elsewhere."""
     num_rows, heads = rows.shape[0], rows.shape[1]
-    odd = (torch.arange(heads, device=rows.device) % 2 == 1).view(1, heads, 1)  # bool[1, H, 1]
-    scale = torch.where(odd, odd_scale.to(torch.float32).reshape(()), even_scale.to(torch.float32).reshape(()))
+    scale = torch.where(_odd_heads(heads, rows.device), odd_scale.reshape(()), even_scale.reshape(()))  # [1, H, 1]
+    scale = scale if scale.dtype == torch.float32 else scale.to(torch.float32)
     low, high = QUANTIZED_DTYPES[_np_dtype(dtype)]
     out = torch.empty(rows.shape, dtype=dtype, device=rows.device)  # [T, H, D]
     on_cpu = rows.device.type == "cpu"
