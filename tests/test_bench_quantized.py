@@ -59,6 +59,23 @@ def test_bars_pass_and_fail_on_the_ratios():
     assert _statuses([r for r in _records(_times()) if r["backend"] == "jax"])[3] == "N/A"
 
 
+def test_lower_bound_is_quantize_only_plus_write_only_over_bf16():
+    base = {"bf16": 100, "fp8": 300, "fp8 quantize only": 150, "fp8 write only": 60,
+            "int8": 200, "int8 quantize only": 20, "int8 write only": 90}
+    times = {(p["shape"], "jax", path): us for p in POINTS for path, us in base.items()}
+    records = _records(times)
+    r = bq.bound_ratio(bq._index(records), "jax", ("combined", "mixed", 64), "fp8")
+    assert r["ratio"] == pytest.approx(2.1)
+    assert (r["low"], r["high"]) == (pytest.approx(2.1 * 1.1 / 1.1), pytest.approx(2.1))  # every round scaled alike
+    bounds = {b["dtype"]: b for b in bq.evaluate_bounds(records, POINTS)}
+    assert set(bounds) == {"fp8", "int8"} and all(b["backend"] == "jax" and b["bar"] == 1 for b in bounds.values())
+    assert bounds["fp8"]["points_out_of_reach"] == 2 and "bar 1 out of reach there" in bounds["fp8"]["line"]
+    assert "quantize alone 1.50–1.50x the bf16 write (over 0.3x at 2, over 1.3x at 2 of 2 points)" in bounds["fp8"]["line"]
+    assert bounds["int8"]["points_out_of_reach"] == 0 and "out of reach" not in bounds["int8"]["line"]
+    assert "quantize + 8-bit write 1.10–1.10x, over 1.3x at 0 of 2 points" in bounds["int8"]["line"]
+    assert bq.bound_ratio(bq._index(records), "op", ("combined", "mixed", 64), "fp8") is None
+
+
 def test_ratio_ranges_come_from_samples_of_the_same_round():
     num = dict(backend="op", layout="combined", shape="mixed", size_mib=64, path="fp8",
                median_s=2.0, samples_s=[2.0, 3.0, 1.0, 2.0, 2.0])
@@ -123,6 +140,9 @@ def test_quick_run_times_every_path_at_every_point(quick_run):
     rows = [line for line in table.splitlines() if line.startswith(("| combined |", "| packed |"))]
     assert len(rows) == 2 * len(points) and all("—" not in line for line in rows)
     assert f"torch threads {torch.get_num_threads()}" in table
+    assert "### Lower bound of bars 1 and 3" in table
+    assert {(b["backend"], b["dtype"]) for b in data["bounds"]} == {(b, q) for b in bq.BACKENDS for q in bq.QUANT}
+    assert all(len(b["rows"]) == len(points) for b in data["bounds"])
 
 
 def test_quick_run_checked_every_path_bitwise_before_timing(quick_run):
