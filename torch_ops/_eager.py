@@ -1,5 +1,6 @@
-"""Eager (CPU / CUDA) kernels: the native ``index_copy_`` path and the JAX
-paths on a staging cache of the written rows. Both write into the caller's tensor in place."""
+"""Eager (CPU / CUDA) kernels: the native row copy (numpy on the calling
+thread for small CPU copies, else ``index_copy_`` of words) and the JAX paths
+on a staging cache of the written rows. Both write into the caller's tensor in place."""
 
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ def copy_rows_(flat: torch.Tensor, dst_rows: np.ndarray, rows: torch.Tensor) -> 
     on one thread), and whatever runs next meets a still-spinning worker;
     the numpy copy took 21-23 µs at any thread count. Above 512 KiB the
     parallel copy wins (2 MiB: 101 µs against 229 µs)."""
-    if flat.is_cpu and rows.is_cpu and (
+    if flat.is_cpu and rows.is_cpu and flat.dtype == rows.dtype and (
         rows.numel() * rows.element_size() <= SERIAL_COPY_BYTES or torch.get_num_threads() == 1
     ):
         try:
