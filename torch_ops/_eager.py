@@ -207,11 +207,21 @@ class RowPlan:
         return new_kv_tokens.index_select(0, _index_on(src_rows, new_kv_tokens))
 
 
-def update_rows_(new_kv_tokens: torch.Tensor, plan: RowPlan, flat: torch.Tensor) -> None:
-    """``impl="torch"``: copy every named row with one ``index_copy_``."""
+def update_rows_(new_kv_tokens: torch.Tensor, plan: RowPlan, flat: torch.Tensor, convert=None) -> None:
+    """``impl="torch"``: copy every named row with one row copy
+    (:func:`copy_rows_`). ``convert``, when given, turns the source rows (in
+    packed order) into ``flat``'s dtype as ``(start, rows)`` runs covering
+    them (a quantized write: ``torch_ops._quantize.quantized_pieces``); all
+    runs are converted before the first is copied, so a failure leaves
+    ``flat`` untouched."""
     if plan.num_rows == 0:
         return
-    copy_rows_(flat, plan.dst_rows, plan.source_rows(new_kv_tokens))
+    rows = plan.source_rows(new_kv_tokens)  # [num_rows, H, D]
+    if convert is None:
+        copy_rows_(flat, plan.dst_rows, rows)
+        return
+    for start, run in list(convert(rows)):
+        copy_rows_(flat, plan.dst_rows[start : start + run.shape[0]], run)
 
 
 def staged_rows(plan: RowPlan, num_slices: int, page_size: int):

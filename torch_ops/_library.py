@@ -137,11 +137,14 @@ def _write_eager(
     scales = _quantize.scale_pairs(len(tokens), k_scale, v_scale) if k_scale is not None else (None, None)
     for new_kv_tokens, flat, pair in zip(tokens, flats, scales):
         rows = _validation.flat_tokens(new_kv_tokens)  # [T, H, D], like flat's rows
-        if pair is not None and rows.dtype != flat.dtype:  # a quantized write: the rows in the cache's dtype first
-            rows = _quantize.quantize_rows(rows, *pair, flat.dtype)
-        if impl in ("auto", "torch"):
-            _eager.update_rows_(rows, plan, flat)
+        quantized = pair is not None and rows.dtype != flat.dtype
+        if impl in ("auto", "torch"):  # a quantized write quantizes just the rows it copies, in runs
+            convert = functools.partial(_quantize.quantized_pieces, even_scale=pair[0], odd_scale=pair[1],
+                                        dtype=flat.dtype) if quantized else None
+            _eager.update_rows_(rows, plan, flat, convert)
         else:
+            if quantized:  # the rows in the cache's dtype first
+                rows = _quantize.quantize_rows(rows, *pair, flat.dtype)
             _eager.update_staged_(
                 rows, plan, num_slices, flat, impl=impl, page_size=page_size,
                 slices_per_processing_page=slices_per_processing_page,
