@@ -252,8 +252,11 @@ def _sample_in_turns(group: dict, *, repeats: int, max_attempts: int):
 
 
 def to_torch(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """A CPU tensor with ``a``'s exact bits (works for ml_dtypes' bfloat16)."""
-    return torch.from_numpy(bits(a).copy()).view(dtype)
+    """A CPU tensor with ``a``'s exact bits (works for ml_dtypes' bfloat16), in
+    memory torch allocated (aligned to 64 bytes, as a model's tensors are: a
+    numpy array's data may sit at a 16-byte offset, which makes JAX copy what
+    it would share)."""
+    return torch.from_numpy(bits(a)).clone().view(dtype)
 
 
 def torch_bits(t: torch.Tensor) -> np.ndarray:
