@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import math
 
+import bridge  # first: PyTorch/XLA's JAX import guard  # isort: skip
 import jax
 import ml_dtypes
 import numpy as np
