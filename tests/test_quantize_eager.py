@@ -117,3 +117,36 @@ def test_a_failing_quantize_leaves_the_cache_unchanged(monkeypatch):
             k_scale=K_SCALE, v_scale=V_SCALE,
         )
     np.testing.assert_array_equal(torch_bits(cache), before)
+
+
+_HOST_DEVICE_CHILD = """
+import jax, torch
+jax.config.update("jax_default_device", jax.devices()[1])  # not the device the quantize should pick
+import torch_ops
+from torch_ops import _quantize
+seen = []
+real = torch.from_dlpack
+torch.from_dlpack = lambda a: seen.append(a.devices()) or real(a)
+_quantize.HOST_PIECE_MIN_ELEMENTS = 1
+q = _quantize.quantize_rows(torch.randn(4, 2, 128), torch.tensor(2.0), torch.tensor(0.5), torch.int8)
+assert seen == [{jax.devices("cpu")[0]}], seen
+print("on", seen[0])
+"""
+
+
+def test_the_jax_runs_stay_on_the_host_whatever_jax_s_default_device():
+    """CPU rows are quantized on JAX's first CPU device even when JAX's default
+    device is another one (on a TPU VM it is a TPU, whose arrays torch cannot
+    import): here, in a child with two CPU devices, the default is the second."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", _HOST_DEVICE_CHILD], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "on {CpuDevice(id=0)}" in out.stdout

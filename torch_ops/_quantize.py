@@ -146,7 +146,14 @@ def _quantize_jax(rows: torch.Tensor, scales: np.ndarray, dtype: torch.dtype) ->
     DLPack (8-bit integers: zero-copy in every jax)."""
     t = rows.detach()
     x = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
-    return torch.from_dlpack(_jitted_quantize(_np_dtype(dtype))(x, scales)).view(dtype)
+    with jax.default_device(_host_device()):  # on the host even where JAX's default device is a TPU
+        bits = _jitted_quantize(_np_dtype(dtype))(x, scales)
+    return torch.from_dlpack(bits).view(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _host_device():
+    return jax.devices("cpu")[0]
 
 
 def _quantize_torch(
