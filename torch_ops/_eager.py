@@ -208,8 +208,8 @@ class RowPlan:
 
 
 def update_rows_(new_kv_tokens: torch.Tensor, plan: RowPlan, flat: torch.Tensor, convert=None) -> None:
-    """``impl="torch"``: copy every named row with one row copy
-    (:func:`copy_rows_`). ``convert``, when given, turns the source rows (in
+    """``impl="auto"`` / ``"torch"`` on eager tensors: copy every named row
+    with one row copy (:func:`copy_rows_`). ``convert``, when given, turns the source rows (in
     packed order) into ``flat``'s dtype as ``(start, rows)`` runs covering
     them (a quantized write: ``torch_ops._quantize.quantized_pieces``); all
     runs are converted before the first is copied, so a failure leaves
