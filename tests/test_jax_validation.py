@@ -93,3 +93,55 @@ def test_slice_checks_near_the_ends_and_overlaps(cols, error):
     else:
         with pytest.raises(ValueError, match=error):
             jk.dynamic_validate_inputs(new, idx, cache, total, page_size=16)
+
+
+def _brute_force_check(cols, num_tokens, num_rows, page_size):
+    """Whether every slice is in bounds and no cache row is written twice, slice by slice."""
+    written = set()
+    for dst, src, length in cols.T.tolist():
+        if min(dst, src, length) < 0 or length > page_size or dst + length > num_rows or src + length > num_tokens:
+            return False
+        rows = set(range(dst, dst + length))
+        if rows & written:
+            return False
+        written |= rows
+    return True
+
+
+@pytest.mark.parametrize("total", [1, 2, 3, 64, 512, 513, 1500])
+@pytest.mark.parametrize("kind", ["decode", "decode_with_empty", "equal", "mixed"])
+def test_slice_checks_agree_with_a_brute_force_check(kind, total):
+    # Every branch of check_slice_columns (one sort of all rows up to 512
+    # slices, min/max above; equal lengths by sorted starts, mixed by argsort),
+    # valid columns and the same columns with one destination moved onto another.
+    from jax_kernels.kv_cache_update.validation import check_slice_columns
+
+    rng = np.random.default_rng(total * 7 + len(kind))
+    page_size, num_rows = 16, 16 * 4096
+    lengths = {
+        "decode": np.ones(total, np.int64),
+        "decode_with_empty": rng.integers(0, 2, total),
+        "equal": np.full(total, 5),
+        "mixed": rng.integers(0, page_size + 1, total),
+    }[kind]
+    dst = rng.permutation(num_rows // page_size)[:total] * page_size + rng.integers(0, page_size - lengths + 1)
+    src = np.cumsum(lengths) - lengths
+    num_tokens = int(lengths.sum()) + 1
+    valid = np.stack([dst, src, lengths]).astype(np.int64)  # i64[3, total]
+    assert _brute_force_check(valid, num_tokens, num_rows, page_size)
+    got = check_slice_columns(valid, num_tokens=num_tokens, num_rows=num_rows, page_size=page_size)
+    assert got == (int(lengths.min()), int(lengths.max()))
+    if total < 2:
+        return
+    for trial in range(6):
+        bad = valid.copy()
+        a, b = rng.choice(total, 2, replace=False)
+        bad[0, a] = bad[0, b] + int(rng.integers(0, max(1, bad[2, b])))  # onto (or into) slice b
+        if trial == 5:
+            bad[0, a] = num_rows - 1  # past the end unless empty or one row
+        ok = _brute_force_check(bad, num_tokens, num_rows, page_size)
+        if ok:
+            check_slice_columns(bad, num_tokens=num_tokens, num_rows=num_rows, page_size=page_size)
+        else:
+            with pytest.raises(ValueError, match=r"slice_indices\[:, \d+\]"):
+                check_slice_columns(bad, num_tokens=num_tokens, num_rows=num_rows, page_size=page_size)

@@ -220,8 +220,11 @@ def slice_columns(slice_indices, total_update_slices, *, names=NAMES) -> np.ndar
     return cols.astype(np.int64)
 
 
-#: Up to this many slices, a decode step's destinations are checked distinct with a set, above with a sort.
-_SET_CHECK_MAX = 1024
+#: Up to this many slices, one sort of all three rows gives the extremes and the
+#: sorted destinations (measured on numpy 2.4, 64 decode slices: 4.3 µs
+#: against 6.9 µs for min, max and a set of the destinations; 256: 6.2 against
+#: 13.7); above, min and max and a sort of the destinations alone are cheaper.
+_SORT_ALL_MAX = 512
 
 
 def check_slice_columns(
@@ -233,33 +236,38 @@ def check_slice_columns(
     callers may reuse (``(1, 1)``: a decode step).
 
     Written for the common, valid case: a handful of whole-array numpy
-    reductions (it runs before every eager update: ~8 µs for a decode step of
-    64 slices); per-slice detail is computed only to word an error."""
+    calls (it runs before every eager update with new metadata: ~4 µs for a
+    decode step of 64 slices); per-slice detail is computed only to word an error."""
     total = cols.shape[1]
     if total == 0:
         return 0, 0
-    dst, src, length = cols  # i64[total] each
-    dst_min, src_min, len_min = cols.min(axis=1).tolist()
-    dst_max, src_max, len_max = cols.max(axis=1).tolist()
+    if total <= _SORT_ALL_MAX:
+        ordered = np.sort(cols, axis=1)  # i64[3, total]: each row sorted
+        extremes = ordered[:, :: total - 1] if total > 1 else ordered[:, [0, 0]]  # i64[3, 2]: each row's min, max
+        (dst_min, dst_max), (src_min, src_max), (len_min, len_max) = extremes.tolist()
+        starts = ordered[0]  # i64[total]: the destinations, sorted
+    else:
+        (dst_min, src_min, len_min), (dst_max, src_max, len_max) = cols.min(axis=1).tolist(), cols.max(axis=1).tolist()
+        starts = None
     bad = min(dst_min, src_min, len_min) < 0 or len_max > page_size
     if not bad and (dst_max + len_max > num_rows or src_max + len_max > num_tokens):
         # max(dst) + max(len) in bounds proves every dst + len is; when it is
         # not, the exact ends decide.
-        ends = cols[:2] + length  # i64[2, total]
+        ends = cols[:2] + cols[2]  # i64[2, total]
         bad = ends[0].max() > num_rows or ends[1].max() > num_tokens
     if bad:
         _raise_bad_slice(
-            cols, cols[:2] + length, num_tokens=num_tokens, num_rows=num_rows, page_size=page_size, names=names
+            cols, cols[:2] + cols[2], num_tokens=num_tokens, num_rows=num_rows, page_size=page_size, names=names
         )
     if total < 2 or len_max == 0:
         return len_min, len_max
-    if len_max == 1 and total <= _SET_CHECK_MAX:  # decode (every slice one row, or none): distinct destinations
-        live = dst if len_min == 1 else dst[length == 1]  # i64[live]
-        if len(set(live.tolist())) == len(live):  # a set of Python ints: ~3x faster than a sort at 64
-            return len_min, len_max
-    elif len_min == len_max:  # every slice the same length: sorting the destinations suffices
-        starts = np.sort(dst)  # i64[total]
-        if not np.count_nonzero(starts[1:] - starts[:-1] < len_min):
+    dst, length = cols[0], cols[2]  # i64[total] each
+    if len_min == len_max:  # every slice the same length (decode: 1): sorted starts that far apart are disjoint
+        if starts is None:
+            starts = np.sort(dst)
+        # (for length 1, "equal neighbours" is the same test and cheaper)
+        close = starts[1:] == starts[:-1] if len_min == 1 else starts[1:] - starts[:-1] < len_min  # bool[total - 1]
+        if not np.count_nonzero(close):
             return len_min, len_max
     else:
         live = None if len_min > 0 else np.flatnonzero(length)
