@@ -145,3 +145,27 @@ def test_slice_checks_agree_with_a_brute_force_check(kind, total):
         else:
             with pytest.raises(ValueError, match=r"slice_indices\[:, \d+\]"):
                 check_slice_columns(bad, num_tokens=num_tokens, num_rows=num_rows, page_size=page_size)
+
+
+@pytest.mark.parametrize("row, where", [(0, "destination"), (1, "source")])
+def test_int64_slices_near_the_top_of_int64_are_refused_not_wrapped(row, where):
+    # dst + len (or src + len) overflows int64 here: a check that adds wraps to a
+    # small negative end and passes, and the int32 update then writes wrapped rows
+    # (measured before the fix: rows 1019-1023 and 0-10 of a 1,024-row cache).
+    import torch
+
+    import torch_ops  # noqa: F401  (registers torch.ops.paged_kv)
+
+    idx = np.array([[0, 16], [0, 16], [16, 16]], np.int64)  # two valid slices of 16 rows
+    idx[row, 1] = 2**63 - 5  # the second slice's start, 16 rows from the top of int64
+    total = np.array([2], np.int32)
+    new = np.ones((64, 2, 8), np.float32)
+    cache = np.zeros((1024, 2, 8), np.float32)
+    match = rf"slice_indices\[:, 1\] = \(dst=.*\): {where} rows \[{2**63 - 5}, {2**63 + 11}\) fall outside"
+    with pytest.raises(ValueError, match=match):
+        jk.kv_cache_update(new, idx, cache, total, page_size=16)
+    np.testing.assert_array_equal(cache, 0)
+    t_cache = torch.zeros(1024, 2, 8)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.paged_kv.kv_cache_update(torch.from_numpy(new), torch.from_numpy(idx), t_cache, torch.from_numpy(total), 16)
+    assert not t_cache.any()

@@ -251,14 +251,12 @@ def check_slice_columns(
         starts = None
     bad = min(dst_min, src_min, len_min) < 0 or len_max > page_size
     if not bad and (dst_max + len_max > num_rows or src_max + len_max > num_tokens):
-        # max(dst) + max(len) in bounds proves every dst + len is; when it is
-        # not, the exact ends decide.
-        ends = cols[:2] + cols[2]  # i64[2, total]
-        bad = ends[0].max() > num_rows or ends[1].max() > num_tokens
+        # max(dst) + max(len) in bounds (Python ints) proves every dst + len is;
+        # when it is not, the exact ends decide, compared as dst > rows - len:
+        # dst + len could overflow int64 (dst near 2**63 would wrap negative and pass).
+        bad = bool((cols[0] > num_rows - cols[2]).any() or (cols[1] > num_tokens - cols[2]).any())
     if bad:
-        _raise_bad_slice(
-            cols, cols[:2] + cols[2], num_tokens=num_tokens, num_rows=num_rows, page_size=page_size, names=names
-        )
+        _raise_bad_slice(cols, num_tokens=num_tokens, num_rows=num_rows, page_size=page_size, names=names)
     if total < 2 or len_max == 0:
         return len_min, len_max
     dst, length = cols[0], cols[2]  # i64[total] each
@@ -279,10 +277,12 @@ def check_slice_columns(
     _raise_overlap(dst, dst + length, length, names=names)
 
 
-def _raise_bad_slice(cols, ends, *, num_tokens: int, num_rows: int, page_size: int, names):
+def _raise_bad_slice(cols, *, num_tokens: int, num_rows: int, page_size: int, names):
     tok_name, idx_name, cache_name, _ = names
     dst, src, length = cols
-    bad = (cols.min(axis=0) < 0) | (length > page_size) | (ends[0] > num_rows) | (ends[1] > num_tokens)
+    # bool[total]. The end tests cannot overflow for a column whose length is in [0, page_size]; for any other
+    # column they may, but the first two tests already flag it.
+    bad = (cols.min(axis=0) < 0) | (length > page_size) | (dst > num_rows - length) | (src > num_tokens - length)
     j = int(np.argmax(bad))
     d, s, n = int(dst[j]), int(src[j]), int(length[j])
     if min(d, s, n) < 0:
