@@ -18,6 +18,25 @@ def _check_int(name: str, value, *, minimum: int) -> None:
         raise ValueError(f"{name}={value} must be {'positive' if minimum == 1 else 'non-negative'}")
 
 
+def page_entry_limit(page_size: int, num_pages: int | None = None) -> int:
+    """The exclusive upper bound of a page-table entry a write uses: ``num_pages``
+    when given, and in any case ``2**31 // page_size``, so that every row of the
+    page (``entry * page_size + offset``) fits int32, the slice indices' dtype
+    (a larger entry would wrap to another page's rows, not fail)."""
+    limit = 2**31 // page_size
+    return limit if num_pages is None else min(num_pages, limit)
+
+
+def page_entry_bound(entry: int, page_size: int, num_pages: int | None = None) -> str:
+    """What a refused page-table ``entry`` must be, in words, for its error."""
+    limit = page_entry_limit(page_size, num_pages)
+    if num_pages is not None and limit == num_pages:
+        return f"in [0, {num_pages=})"
+    if entry < 0:
+        return "non-negative"
+    return f"below 2**31 // {page_size=} = {limit}, so that its rows fit int32"
+
+
 def max_num_slices_bound(max_num_reqs: int, max_num_tokens: int, page_size: int) -> int:
     """A ``max_num_slices`` that always suffices (vLLM's bound).
 
@@ -86,7 +105,9 @@ def slice_indices_from_block_table(
     ``max_num_slices``, negative inputs, or a touched page beyond the block
     table's width raise ``ValueError``, and so does a used block-table entry
     outside ``[0, num_pages)`` when ``num_pages`` (the cache's page count) is
-    given; inside ``jit`` nothing can raise, so
+    given, or at least ``2**31 // page_size`` in any case (:func:`page_entry_limit`:
+    its rows would pass int32 and wrap to another page's); inside ``jit``
+    nothing can raise, so
     ``total_update_slices`` then holds the true count (> ``max_num_slices``)
     and ``kv_cache_update``'s validation rejects it.
     """
@@ -133,12 +154,13 @@ def _check_block_table_on_host(table, starts, counts, *, page_size, max_num_slic
     needed = int(np.sum(np.where(live, last_page - starts64 // page_size + 1, 0)))
     if needed > max_num_slices:
         raise ValueError(f"the batch needs {needed} slices but {max_num_slices=}; see max_num_slices_bound")
+    limit = page_entry_limit(page_size, num_pages)
     for b in np.flatnonzero(live):
         used = table[b, starts64[b] // page_size : last_page[b] + 1]
-        bad = (used < 0) if num_pages is None else ((used < 0) | (used >= num_pages))
+        bad = (used < 0) | (used >= limit)
         if bad.any():
             p = int(starts64[b] // page_size + np.argmax(bad))
             raise ValueError(
-                f"block_table[{b}, {p}]={int(table[b, p])} is not a page of the cache"
-                + (f" (num_pages={num_pages})" if num_pages is not None else " (negative)")
+                f"block_table[{b}, {p}]={int(table[b, p])} is not a page of the cache: it must be "
+                f"{page_entry_bound(int(table[b, p]), page_size, num_pages)}"
             )

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._utils import is_on_host
-from .block_table import _check_int, _slice_indices_from_block_table
+from .block_table import _check_int, _slice_indices_from_block_table, page_entry_bound, page_entry_limit
 from .slot_mapping import is_integer_dtype
 
 _INT32_MAX = 2**31 - 1
@@ -84,8 +84,9 @@ def slice_indices_from_ragged_metadata(
     naming the argument for ``num_seqs[0]`` outside ``[0, max_num_seqs]``,
     ``cu_q_lens`` negative or decreasing, a ``kv_lens[i]`` below its request's
     ``q_len``, a write past ``pages_per_seq`` pages, a used ``page_indices``
-    entry negative or (with ``num_pages``, the cache's page count) ``>=
-    num_pages``, and more slices needed than ``max_num_slices``. Shapes and
+    entry negative, ``>= num_pages`` (with ``num_pages``, the cache's page
+    count) or ``>= 2**31 // page_size`` (its rows would pass int32:
+    ``block_table.page_entry_limit``), and more slices needed than ``max_num_slices``. Shapes and
     dtypes are checked always. Inside ``jit`` nothing can raise:
     ``total_update_slices`` holds the true count, so ``kv_cache_update``'s
     validation rejects a batch that did not fit.
@@ -178,13 +179,12 @@ def check_ragged_metadata_values(page_indices, cu_q_lens, kv_lens, num_seqs, *, 
     table = page_indices.astype(np.int64).reshape(max_num_seqs, pages_per_seq)[:n]  # i64[n, pages_per_seq]
     col = np.arange(pages_per_seq)  # i64[pages_per_seq]
     used = writes[:, None] & (col >= first_page[:, None]) & (col <= last_page[:, None])  # bool[n, pages_per_seq]
-    bad = used & ((table < 0) if num_pages is None else ((table < 0) | (table >= num_pages)))
+    bad = used & ((table < 0) | (table >= page_entry_limit(page_size, num_pages)))  # bool[n, pages_per_seq]
     if bad.any():
         i, p = divmod(int(np.argmax(bad.reshape(-1))), pages_per_seq)
-        bound = f"in [0, {num_pages=})" if num_pages is not None else "non-negative"
         raise ValueError(
             f"page_indices[{i * pages_per_seq + p}]={int(table[i, p])} (request {i}, logical page {p}) "
-            f"must be {bound}"
+            f"must be {page_entry_bound(int(table[i, p]), page_size, num_pages)}"
         )
 
 

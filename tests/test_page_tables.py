@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import jax_kernels as jk
 from jax_kernels.reference import slice_indices_from_block_table_reference as reference
 from torch_ops.page_tables import max_num_slices_bound, slice_indices_from_block_table
 
@@ -140,6 +141,24 @@ def test_negative_inputs_raise_naming_the_argument():
         slice_indices_from_block_table(torch.tensor([[0, 1], [-2, 3]]), starts, counts, page_size=4, max_num_slices=4)
     # Negative padding in columns no request touches is fine.
     slice_indices_from_block_table(torch.tensor([[0, -1], [2, -1]]), starts, counts, page_size=4, max_num_slices=4)
+
+
+def test_entries_whose_rows_pass_int32_are_refused_not_wrapped():
+    # int64 entries cast to int32 wrap: 2**32 + 3 became page 3 (dst 12), and 2**29 * 4 became -2**31.
+    starts, counts = torch.tensor([0, 1]), torch.tensor([2, 1])
+    limit = 2**31 // 4  # page_size 4
+    for entry in (2**32 + 3, limit):
+        table = torch.tensor([[0, 1], [entry, 3]], dtype=torch.int64)
+        with pytest.raises(ValueError, match=rf"block_table\[1, 0\]={entry} is used by request 1 but must be below "
+                                             rf"2\*\*31 // page_size=4 = {limit}, so that its rows fit int32"):
+            slice_indices_from_block_table(table, starts, counts, page_size=4, max_num_slices=4)
+        with pytest.raises(ValueError, match=rf"block_table\[1, 0\]={entry} is not a page of the cache: it must be below"):
+            jk.slice_indices_from_block_table(table.numpy(), starts.numpy(), counts.numpy(), page_size=4, max_num_slices=4)
+    table = torch.tensor([[0, 1], [limit - 1, 3]], dtype=torch.int64)  # the last page whose rows fit
+    idx, total = slice_indices_from_block_table(table, starts, counts, page_size=4, max_num_slices=4)
+    assert idx[0, 1].item() == (limit - 1) * 4 + 1  # request 1 starts at position 1 of its page
+    jidx, _ = jk.slice_indices_from_block_table(table.numpy(), starts.numpy(), counts.numpy(), page_size=4, max_num_slices=4)
+    assert np.asarray(jidx).tolist() == idx.tolist()
 
 
 def test_num_pages_violations_name_block_table():

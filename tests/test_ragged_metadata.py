@@ -269,6 +269,8 @@ BAD = [
     ("past_pages_per_seq", _with(kv_lens=[5, 9, 0]), {}, ValueError, r"request 1 writes position 8 \(kv_lens\[1\]=9\), logical page 2, but pages_per_seq=2"),
     ("page_past_the_cache", _good(), dict(num_pages=2), ValueError, r"page_indices\[2\]=2 \(request 1, logical page 0\) must be in \[0, num_pages=2\)"),
     ("page_negative", _with(page_indices=[0, -4, 2, 3, 0, 0]), {}, ValueError, r"page_indices\[1\]=-4 \(request 0, logical page 1\) must be non-negative"),
+    # An int64 entry whose rows pass int32 (page_size 4: 2**31 // 4 = 2**29 pages) would wrap to page 3's rows.
+    ("page_rows_past_int32", _with(page_indices=np.array([0, 2**32 + 3, 2, 3, 0, 0], np.int64)), {}, ValueError, r"page_indices\[1\]=4294967299 \(request 0, logical page 1\) must be below 2\*\*31 // page_size=4 = 536870912, so that its rows fit int32"),
     ("too_many_slices", _good(), dict(max_num_slices=2), ValueError, r"the batch needs 3 slices but max_num_slices=2; max_num_slices_bound"),
     ("float_kv_lens", _with(kv_lens=np.array([5.0, 3.0, 0.0], np.float32)), {}, TypeError, r"kv_lens must have an integer dtype, got (torch\.)?float32"),
     ("float_page_indices", _with(page_indices=np.zeros(6, np.float64)), {}, TypeError, r"page_indices must have an integer dtype"),
@@ -306,3 +308,15 @@ def test_torch_front_end_wants_tensors_on_one_device():
         torch_ops.slice_indices_from_ragged_metadata(args[0], [0, 4, 5, 5], *args[2:], **kw)
     with pytest.raises(ValueError, match="must be on one device"):
         torch_ops.slice_indices_from_ragged_metadata(*args[:3], args[3].to("meta"), **kw)
+
+
+def test_the_largest_page_whose_rows_fit_int32_is_accepted():
+    limit = 2**31 // 4  # page_size 4
+    kw = dict(page_size=4, pages_per_seq=2, max_num_slices=8)
+    for front in FRONTS.values():
+        args = _with(page_indices=np.array([0, limit - 1, 2, 3, 0, 0], np.int64))
+        idx, total = front(tuple(args.values()), **kw)
+        assert int(idx[0, 1]) == (limit - 1) * 4 and int(idx[0, 1]) + 3 == 2**31 - 1  # the page's last row fits
+        args = _with(page_indices=np.array([0, limit, 2, 3, 0, 0], np.int64))
+        with pytest.raises(ValueError, match=rf"page_indices\[1\]={limit} .* must be below 2\*\*31 // page_size=4"):
+            front(tuple(args.values()), **kw)

@@ -28,8 +28,9 @@ bit for bit; the plain-Python reference is
 
 Value checks need the data on the host, so they run only for CPU tensors:
 negative inputs, more slices than ``max_num_slices``, logical pages beyond the
-block table's columns, and (with ``num_pages``) physical pages outside
-``[0, num_pages)`` raise ``ValueError``. On other devices (XLA, CUDA) nothing is
+block table's columns, and physical pages outside ``[0, num_pages)`` (with
+``num_pages``) or at least ``2**31 // page_size`` (their rows would pass
+int32, and wrap to another page's) raise ``ValueError``. On other devices (XLA, CUDA) nothing is
 read back: a batch needing more than ``max_num_slices`` slices returns the first
 ``max_num_slices`` and the *true* count in ``total_update_slices`` (greater than
 ``max_num_slices``, so the update op's validation rejects it), and out-of-range
@@ -43,6 +44,7 @@ import torch
 from jax_kernels import max_num_slices_bound  # noqa: F401  (re-exported: one implementation)
 from jax_kernels import ragged_metadata as _jk_ragged
 from jax_kernels import slot_mapping as _jk_slots
+from jax_kernels.block_table import page_entry_bound, page_entry_limit
 
 
 def _check_int(name: str, value, *, minimum: int) -> None:
@@ -71,7 +73,8 @@ def slice_indices_from_block_table(
 
     On CPU raises ``ValueError`` (naming the argument) for negative inputs, a
     batch needing more than ``max_num_slices`` slices, logical pages beyond the
-    block table's columns, or block-table entries used outside ``[0, num_pages)``.
+    block table's columns, or block-table entries used outside ``[0, num_pages)``
+    (and in any case ``[0, 2**31 // page_size)``: ``jax_kernels.block_table.page_entry_limit``).
     Off CPU it never reads data back; see the module docstring for what it
     returns for such inputs.
     """
@@ -210,14 +213,12 @@ def _check_values_on_host(block_table, start_positions, num_new_tokens, page_siz
     col = torch.arange(max_pages)
     used = active[:, None] & (col[None, :] >= first_page[:, None]) & (col[None, :] <= last_page[:, None])
     entries = block_table.to(torch.int64)
-    bad = used & (entries < 0)
-    if num_pages is not None:
-        bad |= used & (entries >= num_pages)
+    bad = used & ((entries < 0) | (entries >= page_entry_limit(page_size, num_pages)))
     if bool(bad.any()):
         b, p = (int(i) for i in divmod(int(torch.argmax(bad.flatten().to(torch.int8))), max_pages))
-        bound = f"in [0, {num_pages=})" if num_pages is not None else "non-negative"
         raise ValueError(
-            f"block_table[{b}, {p}]={int(entries[b, p])} is used by request {b} but must be {bound}"
+            f"block_table[{b}, {p}]={int(entries[b, p])} is used by request {b} but must be "
+            f"{page_entry_bound(int(entries[b, p]), page_size, num_pages)}"
         )
 
 
