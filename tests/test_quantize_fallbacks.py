@@ -1,6 +1,7 @@
 """The scatter fallback's quantized write: bitwise equal to the reference when
 sources overlap (pass 2 copies rows within the cache), and compiled on XLA:CPU
-into a single quantize of the rows, nothing materialized beside them."""
+into a single quantize of the rows, nothing materialized beside them, that
+divides every value (no multiply by a reciprocal)."""
 
 from __future__ import annotations
 
@@ -98,3 +99,45 @@ def test_cpu_compiles_one_quantize_and_no_float32_rows(cache_dtype):
     xla_name = {"float8_e4m3fn": "f8e4m3fn", "float8_e5m2": "f8e5m2", "int8": "s8"}[cache_dtype]
     # One fusion (jaxlib 0.7 wraps it in a `call` of its parallel form).
     assert len(big) == 1 and f"= {xla_name}[" in big[0] and re.search(r" (fusion|call)\(", big[0]), big
+
+
+def _full_size_divides(text: str, num_values: int) -> list[str]:
+    """The ``divide`` instructions of compiled HLO whose float32 result has
+    ``num_values`` elements (the token rows), wherever they are fused."""
+    found = []
+    for line in text.splitlines():
+        m = re.search(r"= f32\[([\d,]*)\]\{[^}]*\} divide\(", line)
+        if m and np.prod([int(d) for d in m.group(1).split(",") if d]) == num_values:
+            found.append(line.strip().split(", metadata")[0])
+    return found
+
+
+@pytest.mark.parametrize("layout", ["combined", "packed", "kv"])
+@pytest.mark.parametrize("cache_dtype", ["float8_e4m3fn", "int8"])
+def test_cpu_quantize_divides_every_value(layout, cache_dtype):
+    """XLA's algebraic simplifier rewrites ``x / broadcast(s)`` as ``x *
+    broadcast(1 / s)`` (an ulp off for ~15% of float32 quotients) whenever it
+    can see that the divisor is one value per head: with ``head_parity`` as
+    ``(head & 1) == 1`` it could (measured on jaxlib 0.10.2). The compiled
+    quantized update must still divide every token value."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("XLA:CPU's compiled HLO")
+    cd = jnp.dtype(cache_dtype)
+    num_tokens = 64
+    row = {"combined": (16, 128), "packed": (4, 4, 128), "kv": (8, 128)}[layout]
+    tokens = jax.ShapeDtypeStruct((num_tokens, *row), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((4096, *row), cd)
+    meta = (jax.ShapeDtypeStruct((3, 64), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+    opts = jk.update_compiler_options(cd) or None
+    if layout == "kv":
+        fn = jax.jit(functools.partial(jk.kv_cache_update_kv, page_size=16), donate_argnums=(3, 4),
+                     compiler_options=opts)
+        lowered = fn.lower(tokens, tokens, meta[0], cache, cache, meta[1], k_scale=jnp.float32(1),
+                           v_scale=jnp.float32(2))
+        want = 2  # one per cache
+    else:
+        fn = jax.jit(functools.partial(jk.kv_cache_update, page_size=16), donate_argnums=2, compiler_options=opts)
+        lowered = fn.lower(tokens, meta[0], cache, meta[1], k_scale=jnp.float32(1), v_scale=jnp.float32(2))
+        want = 1
+    divides = _full_size_divides(lowered.compile().as_text(), int(np.prod(tokens.shape)))
+    assert len(divides) == want, divides

@@ -147,8 +147,8 @@ def head_parity(shape) -> jax.Array:  # bool[shape]: True on odd (V) heads
     Keep ``% 2``: with ``(head & 1) == 1`` instead, jaxlib 0.10.2's XLA:CPU
     saw that the select of the two scales is a broadcast of one value per
     head and rewrote ``x / scale`` as ``x * (1 / scale)`` (measured: the
-    quantize 20% faster and no longer exact; ``test_quantize_conversion``
-    fails)."""
+    quantize 20% faster and no longer exact: ``test_quantize_conversion``
+    and ``test_cpu_quantize_divides_every_value`` fail)."""
     if len(shape) == 3:
         head = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
     else:
