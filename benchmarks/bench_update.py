@@ -15,6 +15,15 @@ float32 rows runs in parallel above 32,768 elements (a decode step's 131,072
 do), while the op copies up to 512 KiB of rows on the calling thread, so
 their ratio depends on the thread count.
 
+A model's decode step (run when the shapes include decode, for each dtype at
+the first page size): 32 layers, each its own 16 MiB cache (``--quick``: 4 of
+4 MiB), the op called once per layer with the step's metadata, against
+``index_copy_`` of the same rows into each cache, at 1 thread and at the
+run's thread count, per layer, in a table of its own. Unlike the sweep's
+decode points, which rewrite the same rows of one cache (warm in the CPU's
+caches), every layer here writes rows nothing has touched since the step
+before, as in a model.
+
 Paths, timed in one run on the same inputs at each sweep point:
 
 * CPU eager (``cpu``): ``torch.ops.paged_kv.kv_cache_update`` with ``impl`` =
@@ -111,6 +120,10 @@ SOLO_CALLS = 10  # a path whose one call lasts over this many --min-time samples
 DEFAULT_THREADS = torch.get_num_threads()  # torch's default intra-op thread count, before --threads
 THREAD_PATHS = ("op:auto", FRESH_PATH, "index_copy_")  # the eager decode paths also timed at 1 thread
 THREADS_GOAL = 1.5  # the eager decode's goal at every thread count: op <= 1.5x index_copy_
+# A model's decode step (Runner.model_step): one cache per layer, as a model keeps them.
+MODEL_STEP = dict(layers=32, cache_mib=16)
+MODEL_STEP_QUICK = dict(layers=4, cache_mib=4)
+MODEL_STEP_SHAPE = "decode model step"  # its checks' shape (not a sweep shape: the sweep tables leave it out)
 
 FULL = dict(sizes=[16, 64, 256, 1024], shapes=list(SHAPES), dtypes=["float32", "bfloat16"], page_sizes=[16, 32],
             repeats=5, min_time=0.02, max_call_s=2.0, interpret_max_slices=64)
@@ -251,6 +264,14 @@ def _sample_in_turns(group: dict, *, repeats: int, max_attempts: int):
 # ---------------------------------------------------------------- helpers
 
 
+def at_threads(n: int, step):
+    """``step`` run at ``n`` intra-op threads (set before every call, ~0.2 µs; the caller restores the count)."""
+    def run():
+        torch.set_num_threads(n)
+        step()
+    return run
+
+
 def to_torch(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """A CPU tensor with ``a``'s exact bits (works for ml_dtypes' bfloat16), in
     memory torch allocated (aligned to 64 bytes, as a model's tensors are: a
@@ -281,6 +302,8 @@ class Runner:
         self.skipped: list[dict] = []
         # Eager decode, op:auto and index_copy_ at 1 thread and at the run's thread count (one record each).
         self.thread_records: list[dict] = []
+        # A model's decode step (model_step): op:auto and index_copy_ per layer, at 1 thread and the run's count.
+        self.step_records: list[dict] = []
 
     # ---- sweep points
 
@@ -467,13 +490,8 @@ class Runner:
         if threads == 1 or not checked:
             return
 
-        def at(n, step):
-            def run():
-                torch.set_num_threads(n)
-                step()
-            return run
-
-        timed = {(n, path): (at(n, step), self.cfg.max_call_s, 1) for n in (1, threads) for path, step in steps.items()}
+        timed = {(n, path): (at_threads(n, step), self.cfg.max_call_s, 1) for n in (1, threads)
+                 for path, step in steps.items()}
         try:
             results = measure_interleaved(timed, repeats=self.cfg.repeats, min_time=self.cfg.min_time)
         except Exception as e:  # noqa: BLE001 — reported, not fatal
@@ -487,6 +505,70 @@ class Runner:
                 num_rows=w.num_rows, path=path, threads=n, **m))
             log(f"  cpu {w.batch.shape:7} ps={w.batch.page_size:<2} {path + f' ({n} thread' + ('s)' if n > 1 else ')'):22}"
                 f" {m['median_s'] * 1e6:11.1f} µs  (x{m['number']})")
+
+    def model_step(self, dtype: str) -> None:
+        """A decode step of a model, per layer: ``layers`` caches of
+        ``cache_mib`` each (``MODEL_STEP``; one per layer, as a model keeps
+        them, so every layer writes rows that nothing has touched since the
+        step before: cold in the CPU's caches, unlike the sweep's decode
+        points, which rewrite the same rows of one cache), the op once per
+        layer with the step's metadata (the first layer checks it, the later
+        ones reuse the checks), against ``index_copy_`` of the same rows into
+        each cache. Calls alternate between two steps (another seed's pages).
+        Both are checked once on zeroed caches (first and last layer against
+        the reference), then timed at 1 thread and at the run's thread count,
+        the four in turns, as :meth:`thread_compare` does."""
+        spec = MODEL_STEP_QUICK if self.cfg.quick else MODEL_STEP
+        layers, ps, tdt = spec["layers"], self.cfg.page_sizes[0], TORCH_DTYPES[dtype]
+        rows = cache_rows(spec["cache_mib"], dtype, [ps])
+        batch = self.batches[("decode", ps)]
+        if not fits(batch, rows):
+            log(f"  cpu model step {dtype}: a {spec['cache_mib']} MiB cache cannot hold the decode batch")
+            return
+        steps = [make_workload(batch, rows, dtype, seed=self.cfg.seed + k) for k in (0, 1)]
+        caches = [torch.empty((rows, HEADS, HEAD_DIM), dtype=tdt).zero_() for _ in range(layers)]
+        new = to_torch(steps[0].new_tokens, tdt)  # one step's K/V rows, written by every layer (the bytes do not matter)
+        metadata = [(torch.from_numpy(w.slice_indices), torch.from_numpy(w.total)) for w in steps]
+        dst_rows = [torch.from_numpy(w.dst_rows) for w in steps]
+        calls = {path: itertools.count() for path in ("op:auto", "index_copy_")}
+
+        def op_step():
+            idx, total = metadata[next(calls["op:auto"]) % 2]
+            for cache in caches:
+                torch.ops.paged_kv.kv_cache_update(new, idx, cache, total, ps, SLICES_PER_PROCESSING_PAGE, "auto")
+
+        def index_copy_step():
+            rows_t = dst_rows[next(calls["index_copy_"]) % 2]
+            for cache in caches:
+                cache.index_copy_(0, rows_t, new)
+
+        paths = {"op:auto": op_step, "index_copy_": index_copy_step}
+        expected = self.expected(steps[0], dtype)
+        for path, step in paths.items():
+            for cache in caches:
+                cache.zero_()
+            calls[path] = itertools.count()  # the first call writes steps[0]
+            step()
+            ok = all(np.array_equal(torch_bits(caches[i]), expected) for i in (0, -1))
+            self.checks[("cpu", MODEL_STEP_SHAPE, dtype, ps, path)] = dict(
+                backend="cpu", shape=MODEL_STEP_SHAPE, dtype=dtype, page_size=ps, path=path, size_mib=spec["cache_mib"],
+                kind="reference", ok=ok, why="" if ok else "first or last layer differs from the reference")
+            if not ok:
+                log(f"  cpu model step {dtype} {path}: CHECK FAILED")
+                return
+        threads = torch.get_num_threads()
+        timed = {(n, path): (at_threads(n, step), self.cfg.max_call_s, 1) for n in sorted({1, threads})
+                 for path, step in paths.items()}
+        try:
+            results = measure_interleaved(timed, repeats=self.cfg.repeats, min_time=self.cfg.min_time)
+        finally:
+            torch.set_num_threads(threads)
+        for (n, path), m in results.items():
+            self.step_records.append(dict(
+                backend="cpu", dtype=dtype, page_size=ps, layers=layers, size_mib=spec["cache_mib"],
+                num_rows=rows, path=path, threads=n, per_layer_s=m["median_s"] / layers, **m))
+            log(f"  cpu model step ({layers} layers) {dtype} {path + f' ({n} thread' + ('s)' if n > 1 else ')'):22}"
+                f" {m['median_s'] / layers * 1e6:9.1f} µs a layer  (x{m['number']})")
 
     def cpu_jax(self, dtype: str, size: float) -> None:
         rows = cache_rows(size, dtype, self.cfg.page_sizes)
@@ -574,6 +656,11 @@ class Runner:
                 self.cpu_jax(dtype, size)
                 if self.cfg.xla:
                     self.xla(dtype, size)
+                self._expected.clear()
+                gc.collect()
+        if "decode" in self.cfg.shapes:
+            for dtype in self.cfg.dtypes:
+                self.model_step(dtype)
                 self._expected.clear()
                 gc.collect()
 
@@ -685,6 +772,31 @@ def threads_markdown(records: list[dict], env: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def model_step_markdown(records: list[dict], env: dict) -> str:
+    """A model's decode step (:meth:`Runner.model_step`): µs per layer of the
+    op and of ``index_copy_``, at 1 thread and at the run's thread count, and
+    their ratio (medians of samples taken in turns)."""
+    if not records:
+        return ""
+    r0 = records[0]
+    title = (f"## A model's decode step: {r0['layers']} layers, each its own {fmt_size(r0['size_mib'])} cache"
+             f"{env.get('threads_note', '')}")
+    med = {(r["dtype"], r["page_size"], r["path"], r["threads"]): r["per_layer_s"] for r in records}
+    about = ("Every layer writes the step's rows into its own cache (rows untouched since the step before, as in a "
+             "model; the sweep's decode points rewrite the same rows of one cache), `op:auto` with the step's "
+             "metadata (checked at the first layer, reused by the others), calls alternating between two steps; "
+             f"against `index_copy_` of the same rows. µs per layer (median); × = op / index_copy_, ✓ when <= "
+             f"{THREADS_GOAL}.")
+    out = [title, "", about, "",
+           "| dtype | page | threads | index_copy_ | op | × |", "|---|---|---:|---:|---:|---:|"]
+    for dtype, ps, n in sorted({(r["dtype"], r["page_size"], r["threads"]) for r in records},
+                               key=lambda k: (env["dtypes"].index(k[0]) if k[0] in env["dtypes"] else 9, k[1], k[2])):
+        ic, op = med.get((dtype, ps, "index_copy_", n)), med.get((dtype, ps, "op:auto", n))
+        ratio = f"{op / ic:.2f} {'✓' if op / ic <= THREADS_GOAL else '✗'}" if op and ic else "—"
+        out.append(f"| {dtype} | {ps} | {n} | {report.fmt_us(ic)} | {report.fmt_us(op)} | {ratio} |")
+    return "\n".join(out) + "\n"
+
+
 def _version(module):
     try:
         from importlib.metadata import version
@@ -723,16 +835,19 @@ def main(argv=None) -> int:
                for (s, ps), b in runner.batches.items()}
     files = report.write_all(cfg.out, env, batches, runner.records, list(runner.checks.values()), runner.skipped)
     threads_md = threads_markdown(runner.thread_records, env) if "decode" in cfg.shapes else ""
-    if threads_md:
+    step_md = model_step_markdown(runner.step_records, env)
+    if threads_md or step_md:
         table = pathlib.Path(cfg.out) / "bench_update.md"
-        table.write_text(table.read_text() + "\n" + threads_md)
+        table.write_text(table.read_text() + "".join("\n" + md for md in (threads_md, step_md) if md))
         data_path = pathlib.Path(cfg.out) / "bench_update.json"
         data = json.loads(data_path.read_text())
         data["thread_records"] = runner.thread_records
+        data["step_records"] = runner.step_records
         data_path.write_text(json.dumps(data, indent=1, default=str))
     print(files["bars_text"])
-    if threads_md:
-        print(threads_md)
+    for md in (threads_md, step_md):
+        if md:
+            print(md)
     log(f"wrote {', '.join(str(p) for p in files['paths'])} in {env['wall_s']} s")
     failed = [c for c in runner.checks.values() if not c["ok"]]
     if failed:

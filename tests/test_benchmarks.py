@@ -189,6 +189,43 @@ def test_quick_run_checked_every_path_once_against_the_reference(quick_run):
         assert r["median_s"] == pytest.approx(float(np.median(r["samples_s"])))
 
 
+def test_quick_run_times_a_model_step(quick_run):
+    """The model step: the op and index_copy_ per layer, at 1 thread and at the run's count, both
+    checked against the reference first; its table in bench_update.md."""
+    from benchmarks.bench_update import MODEL_STEP_QUICK, MODEL_STEP_SHAPE
+
+    out, _ = quick_run
+    data = json.loads((out / "bench_update.json").read_text())
+    threads = data["environment"]["torch_threads"]
+    recs = {(r["dtype"], r["path"], r["threads"]): r for r in data["step_records"]}
+    assert set(recs) == {("float32", p, n) for p in ("op:auto", "index_copy_") for n in {1, threads}}
+    for r in recs.values():
+        assert r["layers"] == MODEL_STEP_QUICK["layers"] and r["size_mib"] == MODEL_STEP_QUICK["cache_mib"]
+        assert r["per_layer_s"] == pytest.approx(r["median_s"] / r["layers"])
+        assert len(r["samples_s"]) >= 5 or r["over_budget"]
+    checks = {c["path"]: c for c in data["checks"] if c["shape"] == MODEL_STEP_SHAPE}
+    assert set(checks) == {"op:auto", "index_copy_"} and all(c["ok"] for c in checks.values())
+    table = (out / "bench_update.md").read_text().split("## A model's decode step: ")[1]
+    for n in {1, threads}:
+        assert f"| float32 | 16 | {n} | " in table
+
+
+def test_model_step_table_marks_the_goal():
+    from benchmarks.bench_update import model_step_markdown
+
+    def rec(dtype, path, threads, us):
+        return dict(dtype=dtype, page_size=16, layers=32, size_mib=16, path=path, threads=threads,
+                    per_layer_s=us * 1e-6)
+
+    records = [rec("float32", "index_copy_", 1, 100), rec("float32", "op:auto", 1, 150),
+               rec("float32", "index_copy_", 2, 60), rec("float32", "op:auto", 2, 91)]
+    md = model_step_markdown(records, dict(dtypes=["float32"], threads_note=" (torch's default)"))
+    assert "## A model's decode step: 32 layers, each its own 16 MiB cache (torch's default)" in md
+    assert "| float32 | 16 | 1 | 100 | 150 | 1.50 ✓ |" in md
+    assert "| float32 | 16 | 2 | 60 | 91 | 1.52 ✗ |" in md
+    assert model_step_markdown([], {}) == ""
+
+
 def test_stalled_points_are_flagged():
     mib = 1 << 20
     records = [dict(_record("cpu", "mixed", "memcpy", size, us), bytes_moved=16 * mib)
