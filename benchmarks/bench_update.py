@@ -490,21 +490,28 @@ class Runner:
         if threads == 1 or not checked:
             return
 
-        timed = {(n, path): (at_threads(n, step), self.cfg.max_call_s, 1) for n in (1, threads)
-                 for path, step in steps.items()}
-        try:
-            results = measure_interleaved(timed, repeats=self.cfg.repeats, min_time=self.cfg.min_time)
-        except Exception as e:  # noqa: BLE001 — reported, not fatal
-            log(f"  cpu {w.batch.shape} {dtype}: thread comparison raised {type(e).__name__}: {e}")
-            return
-        finally:
-            torch.set_num_threads(threads)
+        results = self.time_at_threads(steps, f"{w.batch.shape} {dtype} thread comparison")
         for (n, path), m in results.items():
             self.thread_records.append(dict(
                 backend="cpu", shape=w.batch.shape, dtype=dtype, page_size=w.batch.page_size, size_mib=size,
                 num_rows=w.num_rows, path=path, threads=n, **m))
             log(f"  cpu {w.batch.shape:7} ps={w.batch.page_size:<2} {path + f' ({n} thread' + ('s)' if n > 1 else ')'):22}"
                 f" {m['median_s'] * 1e6:11.1f} µs  (x{m['number']})")
+
+    def time_at_threads(self, steps: dict, what: str) -> dict:
+        """``{(threads, path): measurement}`` for every step of ``steps`` at 1
+        thread and at the run's thread count, all sampled in turns (the count
+        set before every call, restored after); ``{}`` (logged) if timing raised."""
+        threads = torch.get_num_threads()
+        timed = {(n, path): (at_threads(n, step), self.cfg.max_call_s, 1) for n in sorted({1, threads})
+                 for path, step in steps.items()}
+        try:
+            return measure_interleaved(timed, repeats=self.cfg.repeats, min_time=self.cfg.min_time)
+        except Exception as e:  # noqa: BLE001 — reported, not fatal
+            log(f"  cpu {what} raised {type(e).__name__}: {e}")
+            return {}
+        finally:
+            torch.set_num_threads(threads)
 
     def model_step(self, dtype: str) -> None:
         """A decode step of a model, per layer: ``layers`` caches of
@@ -562,13 +569,7 @@ class Runner:
             if not ok:
                 log(f"  CHECK FAILED cpu model step {dtype} {path}: {why}")
                 return
-        threads = torch.get_num_threads()
-        timed = {(n, path): (at_threads(n, step), self.cfg.max_call_s, 1) for n in sorted({1, threads})
-                 for path, step in paths.items()}
-        try:
-            results = measure_interleaved(timed, repeats=self.cfg.repeats, min_time=self.cfg.min_time)
-        finally:
-            torch.set_num_threads(threads)
+        results = self.time_at_threads(paths, f"model step {dtype}")
         for (n, path), m in results.items():
             self.step_records.append(dict(
                 backend="cpu", dtype=dtype, page_size=ps, layers=layers, size_mib=spec["cache_mib"],
