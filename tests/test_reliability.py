@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import jax_kernels as jk
 import torch_ops
-from bad_inputs import BAD_INPUTS, PAGE_SIZE, valid_call
+from bad_inputs import BAD_INPUTS, valid_call
 from jax_kernels.testing import bits, random_slices, random_tokens, sentinel_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
